@@ -1,0 +1,28 @@
+# make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~5 min), print its zero-shot top-1
+# make test : the whole test suite (unit, integration, system)
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) main.py
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf output .pytest_cache

@@ -1,0 +1,323 @@
+"""Train a vision-language model.
+
+    python main.py                                   # the demo: a small CLIP on `shapes`, CPU, ~5 min
+    torchrun --nproc_per_node 2 main.py --model CLIP_VITB16_CLIP --dataset ... --output-dir runs/x
+
+Every flag is documented in `python main.py --help` and in README.md.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+import datasets
+import engine
+import losses
+import models
+import utils
+import zeroshot
+
+# Defaults that depend on the dataset: the embedded `shapes` set trains the demo on a CPU in
+# about five minutes; every other dataset gets the upstream clip-rocket defaults.
+DATASET_DEFAULTS = {
+    'shapes': dict(model='CLIP_TINYCNN_CLIP', epochs=5, batch_size=256, lr=3e-3, wd=0.1,
+                   warmup_epochs=0.25, lr_start=1e-6, lr_end=0.0),
+}
+UPSTREAM_DEFAULTS = dict(model='CLIP_VITB16_CLIP', epochs=25, batch_size=64, lr=3e-3, wd=0.1,
+                         warmup_epochs=1, lr_start=1e-6, lr_end=1e-5)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('vlp-baselines training', add_help=False)
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default=None,
+                   help='<base>_<backbone>_<method>, e.g. CLIP_VITB16_CLIP (see models.list_models()); '
+                        'default CLIP_TINYCNN_CLIP on shapes, CLIP_VITB16_CLIP otherwise')
+    g.add_argument('--embed-dim', type=int, default=None,
+                   help='joint embedding size (default: the backbone preset, 256 for real towers)')
+    g.add_argument('--clip-proj-type', choices=['linear', 'mlp'], default=None,
+                   help='image projection head (default: the preset; linear for real towers)')
+    g.add_argument('--transformer-layers', type=int, default=None,
+                   help='text transformer depth (default: the preset, 12 for real towers; paper CC3M: 6)')
+    g.add_argument('--transformer-width', type=int, default=None, help='text width (default 512)')
+    g.add_argument('--transformer-heads', type=int, default=None, help='text heads (default 8)')
+    g.add_argument('--context-length', type=int, default=77, help='text tokens incl. SOT/EOT (77)')
+    g.add_argument('--checkpoint-grad', action='store_true',
+                   help='activation checkpointing in both towers: less memory, ~20%% slower')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('--dataset', default='shapes', help='training set (registered: %s)' % ', '.join(datasets.DATASETS))
+    g.add_argument('--root', default='', help='dataset root directory (real datasets)')
+    g.add_argument('--metadata', default='', help='dataset metadata file (real datasets)')
+    g.add_argument('--shapes-num-train', type=int, default=40000, help='size of the generated shapes training set')
+    g.add_argument('--train-num-samples', type=int, default=None,
+                   help='cap the samples per epoch (quick runs); default: the whole dataset')
+    g.add_argument('--image-size', type=int, default=None,
+                   help='training/eval resolution (default: the backbone native size; 64 for TINYCNN)')
+    g.add_argument('-j', '--workers', type=int, default=0,
+                   help='data-loading processes per training process (0 = in-process; 8-10 on a GPU node)')
+
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 5 on shapes)')
+    g.add_argument('--batch-size', type=int, default=None,
+                   help='batch per process (default 64, 256 on shapes; paper: 128 x 32 GPUs)')
+    g.add_argument('--update-freq', type=int, default=1, help='gradient accumulation steps per update')
+    g.add_argument('--lr', type=float, default=None, help='peak learning rate (default 3e-3)')
+    g.add_argument('--lr-start', type=float, default=None, help='warm-up start learning rate (1e-6)')
+    g.add_argument('--lr-end', type=float, default=None, help='final cosine learning rate (1e-5; 0 on shapes)')
+    g.add_argument('--warmup-epochs', type=float, default=None, help='linear warm-up length in epochs (1; 0.25 on shapes)')
+    g.add_argument('--wd', type=float, default=None, help='AdamW weight decay (0.1; paper CC3M 0.5)')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.98), help='AdamW betas (0.9 0.98)')
+    g.add_argument('--eps', type=float, default=1e-8, help='AdamW epsilon (1e-8)')
+    g.add_argument('--label-smoothing', type=float, default=0.0, help='contrastive label smoothing (paper: 0.1)')
+    g.add_argument('--loss-avg-or-sum', choices=['avg', 'sum'], default='avg',
+                   help='combine the two CLIP directions by their mean (avg) or sum')
+    g.add_argument('--precision', choices=['auto', 'fp32', 'amp', 'bf16'], default='auto',
+                   help='auto = amp (fp16 + GradScaler) on CUDA, fp32 on CPU')
+    g.add_argument('--disable-amp', action='store_true', help='upstream alias of --precision fp32')
+    g.add_argument('--seed', type=int, default=0, help='random seed')
+
+    g = parser.add_argument_group('checkpoints, logging, evaluation')
+    g.add_argument('--output-dir', default='./output', help='checkpoints, logs, plots')
+    g.add_argument('--resume', default='', help='checkpoint to resume from (default: output-dir/checkpoint.pt if present)')
+    g.add_argument('--save-freq-steps', type=int, default=0,
+                   help='also checkpoint every N optimizer steps (0: epoch ends only)')
+    g.add_argument('--exit-after-steps', type=int, default=0,
+                   help='checkpoint and stop after N optimizer steps in this run (time-boxed jobs, tests)')
+    g.add_argument('--eval-freq', type=int, default=1, help='zero-shot validation every N epochs')
+    g.add_argument('--zeroshot-datasets', nargs='+', default=['shapes'],
+                   help='catalog entries to validate on (dataset_catalog.json)')
+    g.add_argument('--evaluate', action='store_true', help='only run zero-shot evaluation of the resumed model')
+    g.add_argument('--print-freq', type=int, default=25, help='log every N optimizer steps')
+    g.add_argument('--wandb', action='store_true', help='log to Weights & Biases')
+    g.add_argument('--offline', action='store_true', help='wandb offline mode')
+    g.add_argument('--name', default='vlp-baselines', help='wandb run name')
+    g.add_argument('--dist-backend', default='auto', choices=['auto', 'nccl', 'gloo'],
+                   help='auto = nccl with CUDA, gloo without')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = utils.OneLineErrorParser('main.py', parents=[get_args_parser()],
+                                      description='Train CLIP-family models.')
+    args = parser.parse_args(argv)
+    try:
+        resolve_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def resolve_args(args):
+    """Fill dataset-dependent defaults and reject impossible values before any work starts."""
+    defaults = DATASET_DEFAULTS.get(args.dataset, UPSTREAM_DEFAULTS)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    datasets.DATASETS.get(args.dataset)
+    args.base, args.backbone, args.method = models.parse_model_name(args.model)
+    if args.image_size is None:
+        args.image_size = models.BACKBONES.get(args.backbone).image_size
+    if args.disable_amp:
+        args.precision = 'fp32'
+    if args.precision == 'auto':
+        args.precision = 'amp' if torch.cuda.is_available() else 'fp32'
+    if args.precision == 'amp' and not torch.cuda.is_available():
+        raise ValueError("--precision amp needs CUDA; valid on CPU: fp32, bf16")
+    positive = ['epochs', 'batch_size', 'update_freq', 'image_size', 'context_length',
+                'print_freq', 'eval_freq', 'shapes_num_train']
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.lr <= 0 or args.wd < 0 or args.warmup_epochs < 0:
+        raise ValueError("--lr must be > 0, --wd and --warmup-epochs >= 0")
+    if args.train_num_samples is not None and args.train_num_samples <= 0:
+        raise ValueError(f"--train-num-samples must be > 0, got {args.train_num_samples}")
+    zeroshot.check_names(args.zeroshot_datasets)
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume: no such file {args.resume!r}")
+
+
+def build_optimizer(model, args):
+    groups = models.param_groups(model, args.wd)
+    kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+    try:  # fused AdamW: one kernel per step instead of a loop over tensors (3x on CPU)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def resume_checkpoint(args, model, optimizer, scaler):
+    """Load the checkpoint to resume from, if any -> (TrainState, best_top1)."""
+    path = args.resume or os.path.join(args.output_dir, 'checkpoint.pt')
+    if not os.path.isfile(path):
+        return engine.TrainState(), None
+    ckpt = utils.load_checkpoint(path)
+    if ckpt.get('model_name') != args.model:
+        raise SystemExit(f"main.py: error: checkpoint {path} holds a {ckpt.get('model_name')} "
+                         f"model, not {args.model}; pass --model {ckpt.get('model_name')} "
+                         f"or another --output-dir")
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    utils.set_rng_state(ckpt['rng'])
+    state = engine.TrainState(**ckpt['state'])
+    print(f"resumed from {path}: epoch {state.epoch}, step {state.step}, "
+          f"batch {state.batch_in_epoch} of the epoch")
+    return state, ckpt.get('best_top1')
+
+
+def save_checkpoint(path, args, model, optimizer, scaler, state, best_top1):
+    utils.save_on_master({
+        'model': engine.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(), 'epoch': state.epoch, 'step': state.step,
+        'state': state.as_dict(), 'args': plain_args(args), 'model_name': args.model,
+        'rng': utils.rng_state(), 'best_top1': best_top1}, path)
+
+
+def plain_args(args):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def build_loader(dataset, args):
+    sampler = datasets.ResumableSampler(len(dataset), seed=args.seed,
+                                        num_samples=args.train_num_samples)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        drop_last=True, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
+    return sampler, loader
+
+
+def report_zeroshot(results):
+    catalog = zeroshot.load_catalog()[0]
+    for name, r in results.items():
+        label = catalog[name].get('display', name)
+        print(f"zero-shot top-1 ({label}): {r['top1']:.1f}%")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.init_distributed(args.dist_backend)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(f"git: {utils.git_sha()}")
+    print(json.dumps(plain_args(args), sort_keys=True))
+    if utils.is_main_process():
+        with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
+            json.dump(plain_args(args), f, indent=2)
+        with open(os.path.join(args.output_dir, 'command.txt'), 'a') as f:
+            f.write(' '.join([sys.executable, *sys.argv[:1], *(argv if argv is not None else sys.argv[1:])]) + '\n')
+    utils.seed_everything(args.seed + utils.get_rank())
+
+    model = models.create_model_from_flags(args.model, args).to(device)
+    if args.checkpoint_grad:
+        model.set_grad_checkpointing(True)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    loss_fn = losses.build_loss(args.method, args)
+    tokenizer = datasets.Tokenizer(args.context_length)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'amp')
+    state, best_top1 = resume_checkpoint(args, model, optimizer, scaler)
+    if utils.get_world_size() > 1:
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    wandb_run = init_wandb(args)
+
+    if args.evaluate:
+        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer, device, args.image_size)
+        report_zeroshot(results)
+        return results
+
+    dataset = datasets.build_train_dataset(args, tokenizer)
+    sampler, loader = build_loader(dataset, args)
+    args.steps_per_epoch = len(loader) // args.update_freq
+    if args.steps_per_epoch == 0:
+        raise SystemExit(f"main.py: error: an epoch of {len(sampler)} samples per process is smaller "
+                         f"than --batch-size x --update-freq = {args.batch_size * args.update_freq}")
+    total_steps = args.steps_per_epoch * args.epochs
+    warmup_steps = int(args.warmup_epochs * args.steps_per_epoch)
+
+    def lr_at(step):
+        return engine.cosine_lr(step, total_steps, warmup_steps, args.lr, args.lr_start, args.lr_end)
+
+    ckpt_path = os.path.join(args.output_dir, 'checkpoint.pt')
+    steps_at_start = state.step
+
+    def on_step(terms):
+        if args.save_freq_steps and state.step % args.save_freq_steps == 0:
+            save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
+        if state.step % args.print_freq == 0:
+            utils.append_json(os.path.join(args.output_dir, 'log_steps.txt'),
+                              {'step': state.step, 'epoch': state.epoch,
+                               **{k: float(v.detach()) for k, v in terms.items()}})
+        if args.exit_after_steps and state.step - steps_at_start >= args.exit_after_steps:
+            save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
+            print(f"stopping after {args.exit_after_steps} steps as asked (--exit-after-steps); "
+                  f"rerun the same command to resume")
+            state.stop = True
+
+    results = {}
+    print(f"training {args.epochs} epochs x {args.steps_per_epoch} steps, "
+          f"{utils.get_world_size()} process(es), batch {args.batch_size} x {args.update_freq}")
+    t_train = time.time()
+    while state.epoch < args.epochs and not state.stop:
+        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * args.batch_size)
+        if hasattr(dataset, 'set_epoch'):
+            dataset.set_epoch(state.epoch)
+        stats = engine.train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state,
+                                       args, device, on_step)
+        if state.stop:
+            break
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        log = {'epoch': state.epoch, 'step': state.step, 'train_time_s': time.time() - t_train,
+               **{f'train_{k}': v for k, v in stats.items()}}
+        if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
+            results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
+                                        device, args.image_size)
+            log.update({f'{n}_{k}': v for n, r in results.items() for k, v in r.items()})
+            top1 = results[args.zeroshot_datasets[0]]['top1']
+            print(f"epoch {state.epoch}: zero-shot top-1 {top1:.1f}% ({args.zeroshot_datasets[0]})")
+            if best_top1 is None or top1 > best_top1:
+                best_top1 = top1
+                save_checkpoint(os.path.join(args.output_dir, 'checkpoint_best.pt'), args, model,
+                                optimizer, scaler, state, best_top1)
+        save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
+        utils.append_json(os.path.join(args.output_dir, 'log.txt'), log)
+        if wandb_run is not None:
+            wandb_run.log(log, step=state.step)
+    if state.stop:
+        return None
+    if not results:  # resumed a finished run, or eval-freq skipped the last epoch
+        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
+                                    device, args.image_size)
+    if utils.is_main_process():
+        import plots
+        plots.training_curves(args.output_dir)
+    if wandb_run is not None:
+        wandb_run.finish()
+    print(f"training time {time.time() - t_train:.0f} s; outputs in {args.output_dir}")
+    report_zeroshot(results)
+    return results
+
+
+def init_wandb(args):
+    if not (args.wandb and utils.is_main_process()):
+        return None
+    import wandb
+    if args.offline:
+        os.environ['WANDB_MODE'] = 'offline'
+    return wandb.init(project='vlp-baselines', name=args.name, config=plain_args(args),
+                      dir=args.output_dir, resume='allow',
+                      id=hashlib.md5(os.path.abspath(args.output_dir).encode()).hexdigest()[:12])
+
+
+if __name__ == '__main__':
+    main()

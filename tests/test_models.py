@@ -1,0 +1,122 @@
+"""Model zoo: every registered backbone builds, trains (forward + backward reaches every
+parameter), has the known size; names and overrides fail with the valid choices."""
+import math
+
+import pytest
+import torch
+
+import losses
+import models
+
+REAL_SMALL_RES = 64          # real towers run at a small resolution to keep the test fast
+
+
+def _batch(model, tokenizer, n=4):
+    size = model.image_size
+    return {'image': torch.randn(n, 3, size, size),
+            'text': tokenizer([f'a photo of a thing number {i}' for i in range(n)])}
+
+
+@pytest.mark.parametrize('backbone', sorted(models.BACKBONES))
+def test_every_backbone_trains(backbone, tokenizer):
+    name = f'CLIP_{backbone}_CLIP'
+    size = min(models.BACKBONES[backbone].image_size, REAL_SMALL_RES)
+    torch.manual_seed(0)
+    model = models.create_model(name, image_size=size, transformer_layers=2)
+    for m in model.modules():   # zero-initialised residual norms (timm ResNet) block gradients
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            torch.nn.init.normal_(m.weight, 1.0, 0.1)                    # at step 0: un-zero them
+    out = model(_batch(model, tokenizer))
+    assert out['image_embed'].shape == out['text_embed'].shape == (4, model.embed_dim)
+    assert torch.allclose(out['image_embed'].norm(dim=-1), torch.ones(4), atol=1e-5)
+    terms = losses.CLIPLoss()(out)
+    assert torch.isfinite(terms['loss'])
+    terms['loss'].backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert not missing, f'parameters without gradient: {missing[:10]}'
+
+
+def test_known_parameter_counts():
+    model = models.create_model('CLIP_VITB16_CLIP')
+    visual = sum(p.numel() for p in model.visual.parameters())
+    text = sum(p.numel() for n, p in model.named_parameters()
+               if n.split('.')[0] in ('token_embedding', 'positional_embedding', 'transformer', 'ln_final'))
+    assert abs(visual - 86e6) / 86e6 < 0.01, visual       # ViT-B/16 trunk: 85.8 M
+    assert abs(text - 63e6) / 63e6 < 0.01, text           # 12 x 512 text transformer: 63.2 M
+    assert model.embed_dim == 256 and model.text_cfg.layers == 12 and model.text_cfg.width == 512
+
+
+def test_openai_state_dict_layout():
+    keys = set(models.create_model('CLIP_TINYVIT_CLIP').state_dict())
+    for k in ['token_embedding.weight', 'positional_embedding', 'text_projection', 'logit_scale',
+              'ln_final.weight', 'transformer.resblocks.0.attn.in_proj_weight',
+              'transformer.resblocks.0.attn.out_proj.weight', 'transformer.resblocks.1.mlp.c_fc.weight',
+              'transformer.resblocks.1.mlp.c_proj.bias', 'transformer.resblocks.0.ln_1.weight']:
+        assert k in keys, k
+
+
+def test_attention_matches_reference_mha():
+    """Our SDPA attention equals nn.MultiheadAttention with the same weights and causal mask."""
+    torch.manual_seed(0)
+    ours = models.CausalSelfAttention(32, 4)
+    torch.nn.init.normal_(ours.in_proj_weight, std=0.2)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 32)
+    mask = torch.triu(torch.full((7, 7), float('-inf')), 1)
+    assert torch.allclose(ours(x), ref(x, x, x, attn_mask=mask, need_weights=False)[0], atol=1e-5)
+
+
+def test_text_trimming_is_exact(tokenizer):
+    """Dropping padding after the last EOT does not change the text embedding."""
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINYVIT_CLIP').eval()
+    text = tokenizer(['a red circle', 'a much longer caption about a small blue star on grey'])
+    ref_x = model.token_embedding(text) + model.positional_embedding
+    ref = model.ln_final(model.transformer(ref_x))[torch.arange(2), text.argmax(-1)] @ model.text_projection
+    assert torch.allclose(model.encode_text(text, normalize=False), ref, atol=1e-5)
+
+
+def test_logit_scale_init_and_clamp():
+    model = models.create_model('CLIP_TINYVIT_CLIP')
+    assert math.isclose(model.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-5)
+
+
+def test_no_weight_decay_groups():
+    model = models.create_model('CLIP_TINYVIT_CLIP')
+    decay, no_decay = models.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    for n in ['logit_scale', 'token_embedding.weight', 'positional_embedding', 'ln_final.weight',
+              'transformer.resblocks.0.attn.in_proj_bias', 'visual.pos_embed', 'visual.cls_token']:
+        assert n in no_decay_names, n
+    decay_names = {names[id(p)] for p in decay['params']}
+    assert 'transformer.resblocks.0.attn.in_proj_weight' in decay_names
+    assert 'text_projection' in decay_names
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('name, fragment', [
+    ('CLIP_VITB16', 'must be <base>_<backbone>_<method>'),
+    ('CLIP_VITB99_CLIP', 'valid: R50'),
+    ('FOO_VITB16_CLIP', 'valid: CLIP'),
+    ('CLIP_VITB16_FOO', 'unknown method'),
+])
+def test_bad_names_name_valid_choices(name, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        models.parse_model_name(name)
+
+
+def test_list_models_and_overrides():
+    names = models.list_models()
+    assert 'CLIP_VITB16_CLIP' in names and 'CLIP_R50_CLIP' in names
+    assert models.list_models('CLIP_VIT*_CLIP') == sorted(n for n in names if n.startswith('CLIP_VIT'))
+    with pytest.raises(ValueError, match='unknown model overrides'):
+        models.create_model('CLIP_TINYVIT_CLIP', embed_dimm=3)
+    m = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=None, transformer_layers=3)
+    assert m.embed_dim == models.BACKBONES['TINYVIT'].embed_dim and len(m.transformer.resblocks) == 3
