@@ -13,6 +13,7 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) tools/setup_wordnet.py || echo "warning: no WordNet; --text-augment will refuse to start (see tools/setup_wordnet.py)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
+import augment
 import shapes
 import utils
 
@@ -83,8 +84,9 @@ class ShapesCaptions(Dataset):
     (seed, epoch, index) so that any epoch can be replayed exactly. Positions and sizes are
     part of the captions, so no crop/flip augmentation is applied."""
 
-    def __init__(self, n, image_size, tokenizer, seed=0):
+    def __init__(self, n, image_size, tokenizer, seed=0, builder=None):
         self.data, self.images = shapes_split('train', n, image_size)
+        self.builder = builder if builder is not None and builder.view_transforms else None
         flat = [c for caps in self.data.captions for c in caps]
         self.tokens, index = tokenize_unique(tokenizer, flat)
         self.caption_index = index.view(len(self.data.captions), -1)     # [N, captions]
@@ -92,6 +94,7 @@ class ShapesCaptions(Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
+        self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
         self.choice = torch.from_numpy(
             rng.integers(0, self.caption_index.shape[1], size=len(self))).long()
@@ -100,6 +103,9 @@ class ShapesCaptions(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, i):
+        if self.builder is not None:      # CL2L views (the CLIP demo keeps the fast path)
+            return self.builder(self.images[i], self.data.captions[i],
+                                seed=(self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
         return {'image': normalize_uint8(self.images[i]),
                 'text': self.tokens[self.caption_index[i, self.choice[i]]]}
 
@@ -119,7 +125,8 @@ class ShapesLabels(Dataset):
 
 DATASETS = utils.Registry('dataset')   # name -> builder(args, tokenizer) -> Dataset
 DATASETS.register('shapes', lambda args, tokenizer: ShapesCaptions(
-    args.shapes_num_train, args.image_size, tokenizer, seed=args.seed))
+    args.shapes_num_train, args.image_size, tokenizer, seed=args.seed,
+    builder=augment.SampleBuilder.from_args(args, tokenizer, plain_images=True)))
 
 
 def build_train_dataset(args, tokenizer):

@@ -82,7 +82,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            unwrap(model).clamp_logit_scale()
+            unwrap(model).after_step(args.momentum_tau)
         state.step += 1
         state.batch_in_epoch = i + 1
         logger.update(lr=lr, samples_per_s=n_seen / (time.time() - t0),

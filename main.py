@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import augment
 import datasets
 import engine
 import losses
@@ -48,6 +49,54 @@ def get_args_parser():
     g.add_argument('--context-length', type=int, default=77, help='text tokens incl. SOT/EOT (77)')
     g.add_argument('--checkpoint-grad', action='store_true',
                    help='activation checkpointing in both towers: less memory, ~20%% slower')
+
+    g = parser.add_argument_group('CL2L base and methods (CLIP🚀, SiamLIP, BYOLIP, BarLIP, SwALIP)')
+    g.add_argument('--num-augs', type=int, default=2,
+                   help='CL2L: augmented image views and text views per sample (0 = exactly CLIP)')
+    g.add_argument('--separate-proj', action='store_true',
+                   help='CL2L: own 3-layer MLP projectors + logit scale for the views (paper: on)')
+    g.add_argument('--separate-proj-child', action='store_true',
+                   help='method heads: separate heads for the augmented views')
+    g.add_argument('--clip-hidden-dim', type=int, default=None,
+                   help='hidden width of the CL2L view projectors (4096; 512 on tiny presets)')
+    g.add_argument('--cl2l-img-proj-type', choices=['mlp', 'linear'], default='mlp', help='view image projector')
+    g.add_argument('--cl2l-txt-proj-type', choices=['mlp', 'linear'], default='mlp', help='view text projector')
+    g.add_argument('--text-dropout-prob', type=float, default=0.0,
+                   help='dropout in the text tower for text views (paper CC3M: 0.2)')
+    g.add_argument('--text-drop-path-prob', type=float, default=0.0,
+                   help='stochastic depth in the text tower for text views')
+    g.add_argument('--momentum', nargs='?', const='on', default=None, metavar='TAU',
+                   help='EMA teacher (BYOL): turns *_SIAMLIP into *_BYOLIP (upstream spelling); '
+                        'an optional value sets --momentum-tau')
+    g.add_argument('--momentum-tau', type=float, default=0.99, help='BYOLIP teacher EMA rate (0.99)')
+    g.add_argument('--barlip-proj-dim', type=int, default=None, help='BarLIP projector output (8192)')
+    g.add_argument('--barlip-hidden-dim', type=int, default=None, help='BarLIP projector hidden width (3000)')
+    g.add_argument('--barlip-lamb', type=float, default=5e-3, help='BarLIP off-diagonal weight (5e-3)')
+    g.add_argument('--barlip-scale-loss', type=float, default=0.025, help='BarLIP loss scale (0.025)')
+    g.add_argument('--siamlip-proj-dim', type=int, default=None, help='SiamLIP projector output (128)')
+    g.add_argument('--siamlip-hidden-dim', type=int, default=None, help='SiamLIP hidden width (2048)')
+    g.add_argument('--siamlip-no-last-bn', action='store_true', help='SiamLIP: no final BN in the projector')
+    g.add_argument('--swalip-weight', type=float, default=0.2, help='SwALIP loss weight (0.2)')
+    g.add_argument('--sk-iters', type=int, default=3, help='SwALIP Sinkhorn-Knopp iterations (3)')
+    g.add_argument('--target-epsilon', type=float, default=0.05, help='SwALIP Sinkhorn entropy epsilon (0.05)')
+
+    g = parser.add_argument_group('augmentation (CL2L views)')
+    g.add_argument('--multicrop-resize', type=int, default=None,
+                   help='size of the augmented image views (default: --image-size; paper 224)')
+    g.add_argument('--multicrop-max-scale', type=float, default=1.0, help='max crop scale of the views')
+    g.add_argument('--weak-min-scale', type=float, default=0.5, help='min crop scale of the global view')
+    g.add_argument('--blur-prob', type=float, default=0.5, help='Gaussian blur probability of the views')
+    g.add_argument('--solarize-prob', type=float, default=0.0, help='solarize probability of the views')
+    g.add_argument('--grayscale-prob', type=float, default=0.2, help='grayscale probability of the views')
+    g.add_argument('--byol-augment', action='store_true', help="BYOL's asymmetric view pair")
+    g.add_argument('--text-augment', action='store_true',
+                   help='EDA text views: stop-word removal + one of synonym/swap/deletion (needs WordNet)')
+    g.add_argument('--clean-before-augment', action='store_true', help='ftfy + HTML unescape + lowercase first')
+    g.add_argument('--no-text-augment-prob', type=float, default=0.0, help='probability to leave a text view as is')
+    g.add_argument('--remove-stopwords-prob', type=float, default=0.8, help='stop-word removal probability (0.8)')
+    g.add_argument('--synonym-replacement-prob', type=float, default=0.4, help='EDA op weight (0.4)')
+    g.add_argument('--random-swap-prob', type=float, default=0.4, help='EDA op weight (0.4)')
+    g.add_argument('--random-deletion-prob', type=float, default=0.2, help='EDA op weight (0.2)')
 
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default='shapes', help='training set (registered: %s)' % ', '.join(datasets.DATASETS))
@@ -122,6 +171,7 @@ def resolve_args(args):
     args.base, args.backbone, args.method = models.parse_model_name(args.model)
     if args.image_size is None:
         args.image_size = models.BACKBONES.get(args.backbone).image_size
+    resolve_method_args(args)
     if args.disable_amp:
         args.precision = 'fp32'
     if args.precision == 'auto':
@@ -142,6 +192,38 @@ def resolve_args(args):
     zeroshot.check_names(args.zeroshot_datasets)
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no such file {args.resume!r}")
+
+
+def resolve_method_args(args):
+    """Upstream aliases and method-specific checks of the CL2L/method flags."""
+    if args.momentum is not None:
+        if args.method not in ('SIAMLIP', 'BYOLIP'):
+            raise ValueError(f"--momentum (EMA teacher) goes with *_SIAMLIP / *_BYOLIP, not {args.method}")
+        if args.momentum != 'on':
+            try:
+                args.momentum_tau = float(args.momentum)
+            except ValueError:
+                raise ValueError(f"--momentum takes an optional EMA rate, got {args.momentum!r}") from None
+        if args.method == 'SIAMLIP':
+            args.model = args.model.rsplit('_', 1)[0] + '_BYOLIP'
+            args.method = 'BYOLIP'
+    if not 0 < args.momentum_tau < 1:
+        raise ValueError(f"--momentum-tau must be in (0, 1), got {args.momentum_tau}")
+    if args.num_augs < 0:
+        raise ValueError(f"--num-augs must be >= 0, got {args.num_augs}")
+    if args.method == 'SWALIP':
+        if args.label_smoothing:
+            raise ValueError("*_SWALIP needs --label-smoothing 0 (its codes are soft targets already)")
+        if args.num_augs == 0:
+            raise ValueError("*_SWALIP needs augmented views: --num-augs >= 1")
+    weights = [args.synonym_replacement_prob, args.random_swap_prob, args.random_deletion_prob]
+    if min(weights) < 0 or sum(weights) > 1 + 1e-9:
+        raise ValueError("--synonym-replacement-prob, --random-swap-prob, --random-deletion-prob "
+                         "must be >= 0 and sum to <= 1 (the rest is 'no operation')")
+    if args.multicrop_resize is None:
+        args.multicrop_resize = args.image_size
+    if args.base == 'CL2L' and args.num_augs > 0 and args.text_augment:
+        augment.require_wordnet()
 
 
 def build_optimizer(model, args):

@@ -7,6 +7,7 @@
 Every name is parsed in `parse_model_name`; each part is looked up in its registry, which
 raises `ValueError` listing the valid choices. Behaviour comes from the registered configs.
 """
+import copy
 import fnmatch
 import math
 from collections import OrderedDict
@@ -17,8 +18,10 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+from heads import BarLIPHead, HeadCfg, SiamLIPHead, mlp, projector
 from utils import Registry
 
 
@@ -46,6 +49,7 @@ class BackboneCfg:
     text: TextCfg = TextCfg()    # default text tower paired with this backbone
     proj_type: str = 'linear'    # default image projection: 'linear' or 'mlp'
     embed_dim: int = 256         # default joint embedding size (upstream default 256)
+    heads: dict = field(default_factory=dict)  # HeadCfg defaults for this preset (small heads)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class MethodCfg:
     loss: str                    # key of losses.LOSSES
     bases: tuple                 # bases this method makes sense with
     why_not: str = ''            # explanation when used with another base
+    head: Optional[Callable] = None  # head(image_dim, text_dim, HeadCfg) -> nn.Module
+    momentum: bool = False       # keep an EMA teacher of the whole model (BYOL)
+    logit_scale_init: float = 1 / 0.07   # initial exp(logit_scale)
+    logit_bias_init: Optional[float] = None  # learnable logit bias (SigLIP)
 
 
 BASES = Registry('base')
@@ -60,6 +68,8 @@ BACKBONES = Registry('backbone')
 METHODS = Registry('method')
 
 _TINY_TEXT = TextCfg(width=128, heads=4, layers=2)
+_TINY_HEADS = {'clip_hidden_dim': 512, 'barlip_hidden_dim': 512, 'barlip_proj_dim': 1024,
+               'siamlip_hidden_dim': 512}
 for _name, _cfg in {
     'R50': BackboneCfg('resnet50', channels_last=True),
     'CNEXTT': BackboneCfg('convnext_tiny', channels_last=True),
@@ -72,15 +82,33 @@ for _name, _cfg in {
     'VITL16': BackboneCfg('vit_large_patch16_224', takes_img_size=True),
     # small presets for the demo and the tests (see ENVIRONMENT.md's calibration note)
     'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64,
-                           channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128),
+                           channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
+                           heads=_TINY_HEADS),
     'TINYVIT': BackboneCfg('vit_tiny_patch16_224', image_size=32, takes_img_size=True,
                            timm_kwargs={'patch_size': 8, 'embed_dim': 64, 'depth': 2,
                                         'num_heads': 2},
-                           text=TextCfg(width=64, heads=2, layers=2), embed_dim=64),
+                           text=TextCfg(width=64, heads=2, layers=2), embed_dim=64,
+                           heads={'clip_hidden_dim': 128, 'barlip_hidden_dim': 128,
+                                  'barlip_proj_dim': 256, 'siamlip_hidden_dim': 128,
+                                  'siamlip_proj_dim': 32}),
 }.items():
     BACKBONES.register(_name, _cfg)
 
-METHODS.register('CLIP', MethodCfg(loss='CLIP', bases=('CLIP',)))
+_VIEWS = "it needs the CL2L base's augmented views (use CL2L_<backbone>_{m}; --num-augs 0 keeps global pairs only)"
+METHODS.register('CLIP', MethodCfg(
+    loss='CLIP', bases=('CLIP',),
+    why_not="with the CL2L base use method CL2L (--num-augs 0 makes it exactly CLIP)"))
+METHODS.register('CL2L', MethodCfg(loss='CL2L', bases=('CL2L',), why_not=_VIEWS.format(m='CL2L')))
+METHODS.register('SIAMLIP', MethodCfg(loss='SIAMLIP', bases=('CL2L',), head=SiamLIPHead,
+                                      why_not=_VIEWS.format(m='SIAMLIP')))
+METHODS.register('BYOLIP', MethodCfg(loss='SIAMLIP', bases=('CL2L',), head=SiamLIPHead,
+                                     momentum=True, why_not=_VIEWS.format(m='BYOLIP')))
+METHODS.register('BARLIP', MethodCfg(loss='BARLIP', bases=('CL2L',), head=BarLIPHead,
+                                     why_not=_VIEWS.format(m='BARLIP')))
+METHODS.register('SWALIP', MethodCfg(loss='SWALIP', bases=('CL2L',), why_not=_VIEWS.format(m='SWALIP')))
+METHODS.register('SIGLIP', MethodCfg(
+    loss='SIGLIP', bases=('CLIP',), logit_scale_init=10.0, logit_bias_init=-10.0,
+    why_not="the sigmoid loss replaces CLIP's softmax on single pairs; CL2L's view losses are softmax-based"))
 
 
 def parse_model_name(name):
@@ -105,28 +133,33 @@ def list_models(pattern='*'):
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
+_TEXT_KEYS = {'transformer_width': 'width', 'transformer_heads': 'heads',
+              'transformer_layers': 'layers', 'context_length': 'context_length',
+              'text_act': 'act'}
+_HEAD_KEYS = tuple(HeadCfg.__dataclass_fields__)
+
+
 def create_model(name, **overrides):
     """Build a model by name. Overrides set to None are dropped, so defaults live in the configs.
 
-    Accepted overrides: embed_dim, proj_type, image_size, transformer_width,
-    transformer_heads, transformer_layers, context_length, text_act.
+    Accepted overrides: embed_dim, proj_type, image_size, the text keys (transformer_width,
+    transformer_heads, transformer_layers, context_length, text_act) and every HeadCfg field.
     """
-    base, backbone, _ = parse_model_name(name)
+    base, backbone, method = parse_model_name(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = BACKBONES.get(backbone)
-    text_keys = {'transformer_width': 'width', 'transformer_heads': 'heads',
-                 'transformer_layers': 'layers', 'context_length': 'context_length',
-                 'text_act': 'act'}
-    text_cfg = replace(cfg.text, **{text_keys[k]: overrides.pop(k)
-                                    for k in list(overrides) if k in text_keys})
+    text_cfg = replace(cfg.text, **{_TEXT_KEYS[k]: overrides.pop(k)
+                                    for k in list(overrides) if k in _TEXT_KEYS})
+    head_cfg = replace(HeadCfg(**cfg.heads), **{k: overrides.pop(k)
+                                                for k in list(overrides) if k in _HEAD_KEYS})
     model = BASES.get(base)(
-        backbone=cfg, text_cfg=text_cfg,
+        backbone=cfg, text_cfg=text_cfg, head_cfg=head_cfg, method_cfg=METHODS.get(method),
         embed_dim=overrides.pop('embed_dim', cfg.embed_dim),
         proj_type=overrides.pop('proj_type', cfg.proj_type),
         image_size=overrides.pop('image_size', cfg.image_size))
     if overrides:
-        raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: "
-                         f"embed_dim, proj_type, image_size, {', '.join(text_keys)}")
+        raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
+                         f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}")
     model.model_name = name
     return model
 
@@ -134,12 +167,9 @@ def create_model(name, **overrides):
 def create_model_from_flags(name, flags):
     """Build from main.py's flags (a dict or Namespace, e.g. a checkpoint's `args`)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
-    return create_model(
-        name, embed_dim=flags.get('embed_dim'), proj_type=flags.get('clip_proj_type'),
-        image_size=flags.get('image_size'), transformer_layers=flags.get('transformer_layers'),
-        transformer_width=flags.get('transformer_width'),
-        transformer_heads=flags.get('transformer_heads'),
-        context_length=flags.get('context_length'))
+    keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS]
+    return create_model(name, proj_type=flags.get('clip_proj_type'),
+                        **{k: flags.get(k) for k in keys})
 
 
 # ----------------------------------------------------------------------------- towers
@@ -215,7 +245,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, act):
+    """Pre-norm block. In "local" mode (CL2L text views) the input gets dropout and the
+    residual branches stochastic depth."""
+
+    def __init__(self, width, heads, act, dropout=0.0, drop_path=0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
@@ -224,43 +257,37 @@ class ResidualAttentionBlock(nn.Module):
             ('c_fc', nn.Linear(width, 4 * width)),
             ('gelu', QuickGELU() if act == 'quick_gelu' else nn.GELU()),
             ('c_proj', nn.Linear(4 * width, width))]))
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x, local=False):
+        if local:
+            x = self.dropout(x)
+            x = x + self.drop_path(self.attn(self.ln_1(x)))
+            return x + self.drop_path(self.mlp(self.ln_2(x)))
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TextCfg):
+    def __init__(self, cfg: TextCfg, dropout=0.0, drop_path=0.0):
         super().__init__()
         if cfg.width % cfg.heads:
             raise ValueError(f"text width {cfg.width} is not divisible by {cfg.heads} heads")
         if cfg.act not in ('gelu', 'quick_gelu'):
             raise ValueError(f"unknown text activation {cfg.act!r}; valid: gelu, quick_gelu")
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(cfg.width, cfg.heads, cfg.act) for _ in range(cfg.layers))
+            ResidualAttentionBlock(cfg.width, cfg.heads, cfg.act, dropout, drop_path)
+            for _ in range(cfg.layers))
         self.grad_checkpointing = False
 
-    def forward(self, x):
+    def forward(self, x, local=False):
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, local, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, local)
         return x
-
-
-def mlp(in_dim, hidden_dim, out_dim, layers=2, last_bn=False, last_bn_affine=True):
-    """Projector MLP: (Linear-BN-ReLU) x (layers-1), Linear, optional final BN."""
-    mods, dim = [], in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                 nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
-    if last_bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=last_bn_affine))
-    return nn.Sequential(*mods)
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -272,26 +299,32 @@ class CLIP(nn.Module):
     `positional_embedding`, `transformer.resblocks.N.*`, `ln_final`, `text_projection`).
     """
     LOGIT_SCALE_MAX = 100.0
+    zeroshot_heads = ('z',)
 
     def __init__(self, backbone: BackboneCfg, text_cfg: TextCfg, embed_dim: int,
+                 head_cfg: HeadCfg = HeadCfg(), method_cfg: Optional[MethodCfg] = None,
                  proj_type: str = 'linear', image_size: int = 224):
         super().__init__()
         if proj_type not in ('linear', 'mlp'):
             raise ValueError(f"unknown projection type {proj_type!r}; valid: linear, mlp")
-        self.backbone_cfg, self.text_cfg, self.embed_dim = backbone, text_cfg, embed_dim
-        self.image_size = image_size
+        method_cfg = method_cfg or METHODS.get('CLIP')
+        self.backbone_cfg, self.text_cfg, self.head_cfg = backbone, text_cfg, head_cfg
+        self.embed_dim, self.image_size = embed_dim, image_size
         self.visual = build_image_tower(backbone, image_size)
-        vision_width = self.visual.num_features
+        self.vision_width = vision_width = self.visual.num_features
         self.image_projection = (nn.Linear(vision_width, embed_dim, bias=False)
                                  if proj_type == 'linear' else
                                  mlp(vision_width, vision_width, embed_dim, layers=2))
         self.token_embedding = nn.Embedding(text_cfg.vocab_size, text_cfg.width)
         self.positional_embedding = nn.Parameter(
             torch.empty(text_cfg.context_length, text_cfg.width))
-        self.transformer = Transformer(text_cfg)
+        self.transformer = Transformer(text_cfg, head_cfg.text_dropout_prob,
+                                       head_cfg.text_drop_path_prob)
         self.ln_final = nn.LayerNorm(text_cfg.width)
         self.text_projection = nn.Parameter(torch.empty(text_cfg.width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.logit_scale_init)))
+        if method_cfg.logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(method_cfg.logit_bias_init)))
         self._init_text()
         if backbone.channels_last:
             self.visual.to(memory_format=torch.channels_last)
@@ -317,34 +350,50 @@ class CLIP(nn.Module):
             image = image.contiguous(memory_format=torch.channels_last)
         return self.visual(image)                                       # [B, vision_width]
 
-    def text_features(self, text):
+    def text_features(self, text, local=False):
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
         length = int(eot.max()) + 1
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
-        x = self.ln_final(self.transformer(x))                          # [B, L, width]
+        x = self.ln_final(self.transformer(x, local))                   # [B, L, width]
         return x[torch.arange(x.shape[0], device=x.device), eot]        # [B, width]
 
-    def encode_image(self, image, normalize=True):
-        z = self.image_projection(self.image_features(image))
+    # -- projections: head 'z' (CLIP) and, for CL2L, 'h' (the views' projectors)
+    def project_image(self, feats, head='z'):
+        self._check_head(head)
+        return self.image_projection(feats)
+
+    def project_text(self, feats, head='z'):
+        self._check_head(head)
+        return feats @ self.text_projection
+
+    def _check_head(self, head):
+        if head not in self.zeroshot_heads:
+            raise ValueError(f"unknown head {head!r}; valid: {', '.join(self.zeroshot_heads)}")
+
+    def encode_image(self, image, normalize=True, head='z'):
+        z = self.project_image(self.image_features(image), head)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def encode_text(self, text, normalize=True):
-        z = self.text_features(text) @ self.text_projection
+    def encode_text(self, text, normalize=True, head='z'):
+        z = self.project_text(self.text_features(text), head)
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, batch):
-        return {'image_embed': self.encode_image(batch['image']),
-                'text_embed': self.encode_text(batch['text']),
-                'logit_scale': self.logit_scale.exp()}
+        out = {'image_embed': self.encode_image(batch['image']),
+               'text_embed': self.encode_text(batch['text']),
+               'logit_scale': self.logit_scale.exp()}
+        if hasattr(self, 'logit_bias'):
+            out['logit_bias'] = self.logit_bias
+        return out
 
     # -- training hooks
     @torch.no_grad()
-    def clamp_logit_scale(self):
-        """Called after each optimizer step: keep exp(logit_scale) in [1, 100]."""
+    def after_step(self, momentum=None):
+        """Called after each optimizer step: clamp exp(logit scales) to [1, 100]."""
         for name, p in self.named_parameters():
-            if name.endswith('logit_scale'):
+            if name.endswith('logit_scale') and p.requires_grad:
                 p.clamp_(0, math.log(self.LOGIT_SCALE_MAX))
 
     def set_grad_checkpointing(self, enable=True):
@@ -359,6 +408,94 @@ class CLIP(nn.Module):
 
 
 BASES.register('CLIP', CLIP)
+
+
+class CL2L(CLIP):
+    """CLIP🚀: the global image/caption pair goes through the CLIP projectors (`z`); the
+    augmented image views and text views through a second pair (`h`: separate 3-layer MLPs
+    with their own logit scale with --separate-proj, else the `z` projectors). A method head
+    (BarLIP, SiamLIP) adds its outputs; BYOLIP keeps an EMA teacher of everything else."""
+    zeroshot_heads = ('z', 'h')
+
+    def __init__(self, backbone, text_cfg, embed_dim, head_cfg=HeadCfg(), method_cfg=None, **kw):
+        super().__init__(backbone, text_cfg, embed_dim, head_cfg, method_cfg, **kw)
+        method_cfg = method_cfg or METHODS.get('CL2L')
+        cfg = head_cfg
+        if cfg.separate_proj:
+            self.h_image_projection = projector(cfg.cl2l_img_proj_type, self.vision_width,
+                                                cfg.clip_hidden_dim, embed_dim)
+            self.h_text_projection = projector(cfg.cl2l_txt_proj_type, text_cfg.width,
+                                               cfg.clip_hidden_dim, embed_dim)
+            self.h_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
+        self.method_head = (method_cfg.head(self.vision_width, text_cfg.width, cfg)
+                            if method_cfg.head else None)
+        self.teacher = None
+        if method_cfg.momentum:
+            teacher = copy.deepcopy(self)
+            teacher.requires_grad_(False)
+            self.teacher = teacher
+
+    def project_image(self, feats, head='z'):
+        if head == 'h' and self.head_cfg.separate_proj:
+            return self.h_image_projection(feats)
+        return super().project_image(feats, 'z' if head == 'h' else head)
+
+    def project_text(self, feats, head='z'):
+        if head == 'h' and self.head_cfg.separate_proj:
+            return self.h_text_projection(feats)
+        return super().project_text(feats, 'z' if head == 'h' else head)
+
+    def features(self, batch):
+        """Tower features: image/text [B, C]; image_views/text_views: V tensors [B, C]
+        (all views go through each tower in one call)."""
+        feats = {'image': self.image_features(batch['image']),
+                 'text': self.text_features(batch['text']),
+                 'image_views': [], 'text_views': []}
+        views = batch.get('image_views')
+        if views is not None and views.shape[1] > 0:
+            B, V = views.shape[:2]                                          # [B, V, 3, h, w]
+            img = self.image_features(views.transpose(0, 1).flatten(0, 1))  # [V*B, C]
+            txt = self.text_features(batch['text_views'].transpose(0, 1).flatten(0, 1), local=True)
+            feats['image_views'] = list(img.view(V, B, -1).unbind(0))
+            feats['text_views'] = list(txt.view(V, B, -1).unbind(0))
+        return feats
+
+    def forward(self, batch):
+        feats = self.features(batch)
+        h_scale = self.h_logit_scale if self.head_cfg.separate_proj else self.logit_scale
+        out = {'image_embed': F.normalize(self.project_image(feats['image']), dim=-1),
+               'text_embed': F.normalize(self.project_text(feats['text']), dim=-1),
+               'h_image_views': [F.normalize(self.project_image(f, 'h'), dim=-1)
+                                 for f in feats['image_views']],
+               'h_text_views': [F.normalize(self.project_text(f, 'h'), dim=-1)
+                                for f in feats['text_views']],
+               'logit_scale': self.logit_scale.exp(), 'h_logit_scale': h_scale.exp()}
+        if self.method_head is not None:
+            out.update(self.method_head(feats))
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher.method_head(self.teacher.features(batch))
+            out.update({f'{k}_teacher': v for k, v in target.items() if k.startswith('v_')})
+        return out
+
+    @torch.no_grad()
+    def after_step(self, momentum=None):
+        """Clamp the logit scales; update the EMA teacher: t <- m * t + (1 - m) * s."""
+        super().after_step()
+        if self.teacher is None:
+            return
+        student = dict(self.named_parameters())
+        for name, t in self.teacher.named_parameters():
+            t.mul_(momentum).add_(student[name], alpha=1 - momentum)
+        student_buffers = dict(self.named_buffers())
+        for name, b in self.teacher.named_buffers():
+            b.copy_(student_buffers[name])
+
+    def no_weight_decay(self):
+        return super().no_weight_decay() | {'h_logit_scale'}
+
+
+BASES.register('CL2L', CL2L)
 
 
 def param_groups(model, weight_decay):
