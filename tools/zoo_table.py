@@ -1,0 +1,42 @@
+"""Print the README model-zoo table: image/text tower parameters and forward GFLOPs per
+sample at 224 px (counted with torch.utils.flop_counter; a multiply-add is 2 FLOPs).
+
+    python tools/zoo_table.py
+"""
+import os
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets  # noqa: E402
+import models  # noqa: E402
+
+
+def count(model, fn, *inputs):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
+def row(backbone, tokens):
+    cfg = models.BACKBONES[backbone]
+    size = cfg.image_size
+    model = models.create_model(f'CLIP_{backbone}_CLIP').eval()
+    img_params = sum(p.numel() for p in model.visual.parameters()) / 1e6
+    txt_params = sum(p.numel() for n, p in model.named_parameters()
+                     if n.split('.')[0] in ('token_embedding', 'positional_embedding',
+                                            'transformer', 'ln_final')) / 1e6
+    img_flops = count(model, model.encode_image, torch.randn(1, 3, size, size))
+    txt_flops = count(model, model.encode_text, tokens)
+    return (f"| `{backbone}` | {cfg.timm_name or 'TinyCNN'} | {size} | {img_params:.3g} M | "
+            f"{img_flops:.3g} | {txt_params:.1f} M | {txt_flops:.3g} |")
+
+
+if __name__ == '__main__':
+    tokens = datasets.Tokenizer()(['x ' * 75])          # a full 77-token caption
+    print('| backbone | timm model | px | image params | image GFLOPs | text params | text GFLOPs (77 tok) |')
+    print('|---|---|---|---|---|---|---|')
+    for name in models.BACKBONES:
+        print(row(name, tokens))
