@@ -110,3 +110,10 @@ def test_unsafe_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match='cannot load checkpoint'):
         utils.load_checkpoint(path)
     assert not os.path.exists(tmp_path / 'pwned')
+
+
+@pytest.mark.slow          # wandb's service start-up takes ~10-60 s on a busy 2-core machine
+def test_wandb_offline_logging(tmp_path):
+    out, _ = run(tmp_path, '--epochs', '1', '--wandb', '--offline', '--name', 'test-run')
+    runs = [d for d in os.listdir(os.path.join(out, 'wandb')) if d.startswith('offline-run')]
+    assert len(runs) == 1

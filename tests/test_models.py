@@ -121,3 +121,26 @@ def test_list_models_and_overrides():
         models.create_model('CLIP_TINYVIT_CLIP', embed_dimm=3)
     m = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=None, transformer_layers=3)
     assert m.embed_dim == models.BACKBONES['TINYVIT'].embed_dim and len(m.transformer.resblocks) == 3
+
+
+@pytest.mark.parametrize('name', ['CLIP_TINYVIT_CLIP', 'CL2L_TINYCNN_CL2L'])
+def test_grad_checkpointing_gives_the_same_gradients(name, tokenizer):
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = models.create_model(name, separate_proj=True).double()
+        model.set_grad_checkpointing(enable)
+        n, size = 4, model.image_size
+        torch.manual_seed(1)
+        batch = {'image': torch.randn(n, 3, size, size, dtype=torch.float64),
+                 'text': tokenizer([f'caption {i}' for i in range(n)])}
+        if name.startswith('CL2L'):
+            batch['image_views'] = torch.randn(n, 2, 3, size, size, dtype=torch.float64)
+            batch['text_views'] = tokenizer([f'view {i}' for i in range(2 * n)]).view(n, 2, -1)
+            loss = losses.CL2LLoss()(model(batch))['loss']
+        else:
+            loss = losses.CLIPLoss()(model(batch))['loss']
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-10), k
