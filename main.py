@@ -140,6 +140,9 @@ def get_args_parser():
     g.add_argument('--eval-freq', type=int, default=1, help='zero-shot validation every N epochs')
     g.add_argument('--zeroshot-datasets', nargs='+', default=['shapes'],
                    help='catalog entries to validate on (dataset_catalog.json)')
+    g.add_argument('--eval-data-root', default=os.environ.get('VLP_EVAL_DATA', 'data'),
+                   help='where the zero-shot datasets live (default: $VLP_EVAL_DATA or ./data; '
+                        'shapes needs none)')
     g.add_argument('--evaluate', action='store_true', help='only run zero-shot evaluation of the resumed model')
     g.add_argument('--print-freq', type=int, default=25, help='log every N optimizer steps')
     g.add_argument('--wandb', action='store_true', help='log to Weights & Biases')
@@ -189,7 +192,7 @@ def resolve_args(args):
         raise ValueError("--lr must be > 0, --wd and --warmup-epochs >= 0")
     if args.train_num_samples is not None and args.train_num_samples <= 0:
         raise ValueError(f"--train-num-samples must be > 0, got {args.train_num_samples}")
-    zeroshot.check_names(args.zeroshot_datasets)
+    zeroshot.check_names(args.zeroshot_datasets, data_root=args.eval_data_root)
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no such file {args.resume!r}")
 
@@ -308,13 +311,17 @@ def main(argv=None):
     state, best_top1 = resume_checkpoint(args, model, optimizer, scaler)
     if utils.get_world_size() > 1:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == 'cuda':
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # PyTorch's SyncBatchNorm runs on GPUs only
+                print("note: BatchNorm statistics stay per process on CPU (SyncBatchNorm needs CUDA)")
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     wandb_run = init_wandb(args)
 
     if args.evaluate:
-        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer, device, args.image_size)
+        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer, device, args.image_size,
+                                    data_root=args.eval_data_root)
         report_zeroshot(results)
         return results
 
@@ -363,7 +370,7 @@ def main(argv=None):
                **{f'train_{k}': v for k, v in stats.items()}}
         if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
             results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
-                                        device, args.image_size)
+                                        device, args.image_size, data_root=args.eval_data_root)
             log.update({f'{n}_{k}': v for n, r in results.items() for k, v in r.items()})
             top1 = results[args.zeroshot_datasets[0]]['top1']
             print(f"epoch {state.epoch}: zero-shot top-1 {top1:.1f}% ({args.zeroshot_datasets[0]})")
@@ -379,7 +386,7 @@ def main(argv=None):
         return None
     if not results:  # resumed a finished run, or eval-freq skipped the last epoch
         results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
-                                    device, args.image_size)
+                                    device, args.image_size, data_root=args.eval_data_root)
     if utils.is_main_process():
         import plots
         plots.training_curves(args.output_dir)

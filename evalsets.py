@@ -1,0 +1,262 @@
+"""Readers for the on-disk formats of the zero-shot catalog (dataset_catalog.json).
+
+A catalog entry names a primary source (`type`, `path`, type options) and optional
+`fallbacks` (other layouts of the same data, e.g. CLIP_benchmark's webdataset export); the
+first source whose files are present is read. Paths are relative to the data root unless
+absolute. Samples are dicts: {'image', 'label'} for classification, {'image', 'captions'}
+for retrieval.
+
+| type | layout under `path` |
+|---|---|
+| `shapes` | none: generated in memory (datasets.ShapesLabels) |
+| `imagefolder` | one folder per class; label = position of the folder in sorted order (torchvision ImageFolder), or in `folders`, or the folder name itself with `int_folders` |
+| `torchvision` | what `torchvision.datasets.<class>(root=path, download=False, **kwargs)` reads |
+| `filelist` | `<split>_images.npy` + `<split>_labels.npy` (upstream SLIP), or `<split>.txt` lines `image label`; string labels are looked up in `label_names` |
+| `wds` | CLIP_benchmark's export: `<split>/nshards.txt`, `<split>/0.tar`…, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt` |
+| `retrieval` | `images` folder + `annotation`: COCO captions JSON, Karpathy JSON (`split`), a JSON list of {image, captions}, or CLIP_benchmark's Flickr `image,caption` text |
+"""
+import json
+import os
+from collections import OrderedDict, defaultdict
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+import augment
+
+IMAGE_KEYS = 'webp;png;jpg;jpeg'
+
+
+# ----------------------------------------------------------------------------- locating
+
+def task_of(entry):
+    return 'zeroshot_retrieval' if entry['type'] == 'retrieval' else 'zeroshot_classification'
+
+
+def sources(entry):
+    return [entry] + list(entry.get('fallbacks', []))
+
+
+def source_path(source, data_root):
+    path = os.path.expanduser(source.get('path', ''))
+    return path if os.path.isabs(path) else os.path.join(data_root or '.', path)
+
+
+def present(source, path):
+    kind = source['type']
+    if kind == 'shapes':
+        return True
+    if kind == 'wds':
+        return os.path.isfile(os.path.join(path, source.get('split', 'test'), 'nshards.txt'))
+    if kind == 'filelist':
+        split = source.get('split', 'test')
+        return any(os.path.isfile(os.path.join(path, f)) for f in
+                   (f'{split}_images.npy', f'{split}.txt'))
+    if kind == 'retrieval':
+        return (os.path.isfile(os.path.join(path, source['annotation']))
+                and os.path.isdir(os.path.join(path, source.get('images', '.'))))
+    return os.path.isdir(path)
+
+
+def locate(name, entry, data_root, paths=None):
+    """(source with its resolved `path`, path) for the first source present, else
+    (None, the primary path). `paths` {name: path} overrides the primary source's path."""
+    if entry['type'] == 'shapes':
+        return dict(entry), None
+    primary = None
+    for i, source in enumerate(sources(entry)):
+        path = (paths[name] if i == 0 and paths and name in paths
+                else source_path(source, data_root))
+        primary = primary or path
+        if present(source, path):
+            return dict(source, path=path), path
+    return None, primary
+
+
+# ----------------------------------------------------------------------------- readers
+
+def collate(batch):
+    if 'captions' in batch[0]:
+        return {'image': torch.stack([b['image'] for b in batch]),
+                'captions': [b['captions'] for b in batch]}
+    return default_collate(batch)
+
+
+def pil_rgb(path):
+    with open(path, 'rb') as f:
+        return Image.open(f).convert('RGB')
+
+
+class Labeled(Dataset):
+    """(image, label) dataset -> {'image', 'label'} samples."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return {'image': image, 'label': int(label)}
+
+
+def image_folder(path, transform, folders=None, int_folders=False):
+    from torchvision.datasets import ImageFolder
+
+    class Folder(ImageFolder):
+        def find_classes(self, directory):
+            names = sorted(d.name for d in os.scandir(directory) if d.is_dir())
+            if folders:
+                return list(folders), {f: i for i, f in enumerate(folders)}
+            if int_folders:
+                return sorted(names, key=int), {n: int(n) for n in names}
+            return names, {n: i for i, n in enumerate(names)}
+    return Folder(path, transform=transform, loader=pil_rgb)
+
+
+class FileList(Dataset):
+    """Images listed in `<split>_images.npy` / `<split>_labels.npy` or `<split>.txt`."""
+
+    def __init__(self, path, split, transform, label_names=None):
+        npy = os.path.join(path, f'{split}_images.npy')
+        if os.path.isfile(npy):
+            images = np.load(npy, allow_pickle=False).tolist()
+            labels = np.load(os.path.join(path, f'{split}_labels.npy'), allow_pickle=False).tolist()
+        else:
+            with open(os.path.join(path, f'{split}.txt')) as f:
+                rows = [line.rstrip('\n').rsplit(None, 1) for line in f if line.strip()]
+            images, labels = [r[0] for r in rows], [r[1] for r in rows]
+        index = {n: i for i, n in enumerate(label_names or [])}
+        self.labels = [index[str(y)] if label_names else int(y) for y in labels]
+        self.images = [os.path.join(path, p) for p in images]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {'image': self.transform(pil_rgb(self.images[i])), 'label': self.labels[i]}
+
+
+class Captions(Dataset):
+    """Retrieval set: (image file, [captions]) pairs from one annotation file."""
+
+    def __init__(self, root, images, annotation, transform, split='test'):
+        self.root, self.transform = os.path.join(root, images), transform
+        self.items = read_captions(os.path.join(root, annotation), split)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, captions = self.items[i]
+        return {'image': self.transform(pil_rgb(os.path.join(self.root, image))),
+                'captions': list(captions)}
+
+
+def read_captions(path, split='test'):
+    """[(image, [captions])] from COCO / Karpathy / list JSON or `image,caption` text."""
+    if not path.endswith('.json'):
+        grouped = OrderedDict()
+        with open(path) as f:
+            next(f)                                                       # header line
+            for line in f:
+                if line.strip():
+                    image, _, caption = line.strip().partition(',')
+                    grouped.setdefault(image, []).append(caption)
+        return list(grouped.items())
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, list):
+        return [(d.get('image') or d['filename'], d['captions']) for d in data]
+    if 'annotations' in data:                                             # COCO captions
+        files = {im['id']: im['file_name'] for im in data['images']}
+        caps = defaultdict(list)
+        for a in data['annotations']:
+            caps[a['image_id']].append(a['caption'])
+        return [(files[i], caps[i]) for i in sorted(files)]
+    return [(os.path.join(im.get('filepath', ''), im['filename']),        # Karpathy
+             [s['raw'] for s in im['sentences']])
+            for im in data['images'] if im.get('split', split) == split]
+
+
+def _labeled(transform, sample):
+    image, label = sample
+    return {'image': transform(image), 'label': int(label)}
+
+
+def _captioned(transform, sample):
+    image, text = sample
+    return {'image': transform(image), 'captions': text.splitlines()}
+
+
+def wds_reader(path, split, transform):
+    """CLIP_benchmark's webdataset export -> (iterable dataset, class names or None,
+    templates or None, 'classification' | 'retrieval')."""
+    import webdataset as wds
+
+    def read(name):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return None
+        with open(file) as f:
+            return [line.strip() for line in f.read().splitlines() if line.strip()]
+    with open(os.path.join(path, split, 'nshards.txt')) as f:
+        shards = int(f.read())
+    kind = (read('dataset_type.txt') or ['classification'])[0].lower()
+    urls = [os.path.join(path, split, f'{i}.tar') for i in range(shards)]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda s: s,
+                        empty_check=False).decode('pil')
+    if kind == 'retrieval':
+        ds = ds.to_tuple(IMAGE_KEYS, 'txt').map(partial(_captioned, transform))
+    else:
+        ds = ds.to_tuple(IMAGE_KEYS, 'cls').map(partial(_labeled, transform))
+    templates = read('zeroshot_classification_templates.txt')
+    return ds, read('classnames.txt'), templates and [t.replace('{c}', '{}') for t in templates], kind
+
+
+class RGBTransform:
+    """The evaluation transform (augment.eval_transform) on RGB images (MNIST is greyscale)."""
+
+    def __init__(self, image_size):
+        self.transform = augment.eval_transform(image_size)
+
+    def __call__(self, image):
+        return self.transform(image.convert('RGB') if isinstance(image, Image.Image) else image)
+
+
+def build(name, source, image_size, task, classnames=None, templates=None):
+    """-> (dataset, class names, templates) for a located source; class names and templates
+    come from labels.json / templates.json (a wds export's own files take precedence)."""
+    kind = source['type']
+    transform = RGBTransform(image_size)
+    path = source.get('path')
+    if kind == 'shapes':
+        import datasets
+        dataset = datasets.ShapesLabels(source['num_samples'], image_size)
+    elif kind == 'imagefolder':
+        dataset = Labeled(image_folder(path, transform, source.get('folders'),
+                                       source.get('int_folders', False)))
+    elif kind == 'torchvision':
+        import torchvision.datasets
+        cls = getattr(torchvision.datasets, source['class'])
+        dataset = Labeled(cls(root=path, transform=transform, download=False,
+                              **source.get('kwargs', {})))
+    elif kind == 'filelist':
+        dataset = FileList(path, source.get('split', 'test'), transform, source.get('label_names'))
+    elif kind == 'wds':
+        dataset, wds_names, wds_templates, _ = wds_reader(path, source.get('split', 'test'), transform)
+        classnames, templates = wds_names or classnames, wds_templates or templates
+    elif kind == 'retrieval':
+        dataset = Captions(path, source.get('images', '.'), source['annotation'], transform,
+                           source.get('split', 'test'))
+    else:
+        raise ValueError(f"{name}: unknown catalog type {kind!r}; valid: shapes, imagefolder, "
+                         f"torchvision, filelist, wds, retrieval")
+    if task == 'zeroshot_classification' and not (classnames and templates):
+        raise ValueError(f"{name}: no class names / templates (labels.json, templates.json)")
+    return dataset, classnames, templates
