@@ -1,0 +1,42 @@
+"""System test: torchrun with 2 gloo processes of per-rank batch b gives the loss and the
+gradients of one process with batch 2b (relative error <= 1e-5), for every loss whose
+model has no BatchNorm (BatchNorm statistics are per process on CPU: PyTorch's
+SyncBatchNorm needs CUDA, so BarLIP/SiamLIP heads are compared on GPUs only)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, 'dist_step.py')
+CASES = {
+    'CLIP': ['CLIP_TINYVIT_CLIP', '--label-smoothing', '0.1'],
+    'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
+    'CL2L': ['CL2L_TINYVIT_CL2L', '--separate-proj', '--cl2l-img-proj-type', 'linear',
+             '--cl2l-txt-proj-type', 'linear', '--label-smoothing', '0.1', '--loss-avg-or-sum', 'sum'],
+    'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
+}
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline'}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', list(CASES))
+def test_two_processes_equal_one_big_batch(case, tmp_path):
+    model, *flags = CASES[case]
+    one, two = str(tmp_path / 'one.pt'), str(tmp_path / 'two.pt')
+    _run([sys.executable, SCRIPT, model, one, *flags], tmp_path)
+    _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+          '--master_port', str(29500 + os.getpid() % 1000), SCRIPT, model, two, *flags], tmp_path)
+    ref, got = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert torch.allclose(got['loss'], ref['loss'], rtol=1e-5, atol=0), (got['loss'], ref['loss'])
+    assert ref['grads'].keys() == got['grads'].keys()
+    for name, g in ref['grads'].items():
+        err = (got['grads'][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err <= 1e-5, (name, float(err))
