@@ -1,23 +1,35 @@
-"""Training data: one reader per on-disk format behind a registry, image transforms, the
-tokenizer, and a resumable sampler. A sample is a dict (`image` [3,H,W] float, `text` [77]
-int64); batches are dicts of stacked tensors.
+"""Training data: the dataset registry (one reader per on-disk format), the tokenizer, the
+resumable sampler and the DataLoader. A sample is a dict built by augment.SampleBuilder
+(`image` [3,H,W] float, `text` [77] int64, for CL2L also `image_views`, `text_views`);
+batches are dicts of stacked tensors plus `_data` (skip counts, see readers.collate).
 
-    >>> ds = build_train_dataset(args, Tokenizer())
+    >>> dataset = build_train_dataset(args, Tokenizer())
+    >>> sampler, loader = build_loader(dataset, args)
+
+Formats: shapes (generated), yfcc15m, cc3m, cc12m, merged (alias merged_opendata), wds,
+tarpairs, csv, coco, folder -- layouts in README.md "## Data".
 """
+import itertools
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchvision import transforms as T
 
 import augment
+import readers
 import shapes
+import streaming
 import utils
+from decode import DecodeOptions, draft_policy
+from metadata import DataError
+from readers import DataLog, collate, mix_seeds  # noqa: F401  (re-exported for engine/tests)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = augment.CLIP_MEAN, augment.CLIP_STD
+ALIASES = {'merged_opendata': 'merged'}      # upstream clip-rocket spelling
+MERGE_SEP = '---'                            # upstream: --metadata a.npy---b.npy --root a---b
 
 
 # ----------------------------------------------------------------------------- text
@@ -47,19 +59,33 @@ def tokenize_unique(tokenizer, texts):
     return tokenizer(uniq.tolist()), torch.from_numpy(index.astype(np.int64))
 
 
+class PretokenizedTokenizer:
+    """A tokenizer that knows a fixed set of texts already (tokenized once, in one batch) and
+    falls back to the real one for any other text (e.g. augmented text views)."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer = tokenizer
+        uniq = sorted(set(texts))
+        self.tokens = tokenizer(uniq)
+        self.rows = {t: i for i, t in enumerate(uniq)}
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self.rows.get(t) for t in texts]
+        if None in rows:
+            return self.tokenizer(texts)
+        return self.tokens[rows]
+
+    def __getattr__(self, name):          # context_length, vocab_size, decode, ...
+        if name.startswith('__') or name == 'tokenizer':
+            raise AttributeError(name)    # (unpickling in a spawned worker)
+        return getattr(self.tokenizer, name)
+
+
 # ----------------------------------------------------------------------------- images
 
-def train_transform(image_size, min_scale=0.5):
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(min_scale, 1.0),
-                            interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
-
 def eval_transform(image_size):
-    return T.Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return augment.eval_transform(image_size)
 
 
 def normalize_uint8(images):
@@ -80,34 +106,51 @@ def shapes_split(split, n, image_size, seed=0):
 
 
 class ShapesCaptions(Dataset):
-    """The embedded `shapes` training set: one of the image's captions per epoch, chosen by
-    (seed, epoch, index) so that any epoch can be replayed exactly. Positions and sizes are
-    part of the captions, so no crop/flip augmentation is applied."""
+    """The embedded `shapes` training set (plain images: positions and sizes are part of the
+    captions, so the CLIP view is not cropped).
 
-    def __init__(self, n, image_size, tokenizer, seed=0, builder=None):
+    Plain CLIP (the demo): one caption per image and epoch, drawn by (run seed, epoch) as
+    the demo always did (its 98.7 % is one draw: other caption streams gave 85-90 %), and
+    the sample computed directly -- it equals SampleBuilder(image, [that caption], seed)
+    (tested), without the builder's ~0.4 ms per call, which would slow the demo by ~25 %.
+    With views or text augmentation (CL2L) every sample goes through the builder."""
+
+    name = 'shapes'
+
+    def __init__(self, n, image_size, builder, seed=0):
         self.data, self.images = shapes_split('train', n, image_size)
-        self.builder = builder if builder is not None and builder.view_transforms else None
-        flat = [c for caps in self.data.captions for c in caps]
-        self.tokens, index = tokenize_unique(tokenizer, flat)
-        self.caption_index = index.view(len(self.data.captions), -1)     # [N, captions]
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        rng = np.random.default_rng([self.seed, epoch])
-        self.choice = torch.from_numpy(
-            rng.integers(0, self.caption_index.shape[1], size=len(self))).long()
+        self.builder, self.seed = builder, seed
+        self.fast = _is_plain_clip(builder)
+        self._choice = (None, None)                  # (epoch, caption index per image)
 
     def __len__(self):
         return self.images.shape[0]
 
-    def __getitem__(self, i):
-        if self.builder is not None:      # CL2L views (the CLIP demo keeps the fast path)
-            return self.builder(self.images[i], self.data.captions[i],
-                                seed=(self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-        return {'image': normalize_uint8(self.images[i]),
-                'text': self.tokens[self.caption_index[i, self.choice[i]]]}
+    def caption_choice(self, epoch):
+        if self._choice[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._choice = (epoch, rng.integers(0, len(self.data.captions[0]), size=len(self)))
+        return self._choice[1]
+
+    def __getitem__(self, item):
+        i, seed, epoch = readers.unpack(item, self.seed)
+        captions = self.data.captions[i]
+        if self.fast:                  # == builder(image, [caption], seed) for a plain CLIP builder
+            caption = captions[self.caption_choice(epoch)[i]]
+            sample = {'image': normalize_uint8(self.images[i]), 'text': self.builder.tokenizer([caption])[0]}
+        else:
+            sample = self.builder(self.images[i], captions, seed)
+        sample['_events'] = ('drawn',)
+        return sample
+
+
+def _is_plain_clip(builder):
+    """True when builder(image, captions, seed) is just {normalised image, one of the
+    captions} (augment.plain_transform, no views, no text augmentation)."""
+    steps = getattr(builder.image_transform, 'transforms', None)
+    plain = augment.plain_transform().transforms
+    return (not getattr(builder, 'view_transforms', None) and getattr(builder, 'text_augment', None) is None
+            and steps is not None and [type(t) for t in steps] == [type(t) for t in plain])
 
 
 class ShapesLabels(Dataset):
@@ -123,20 +166,141 @@ class ShapesLabels(Dataset):
         return {'image': normalize_uint8(self.images[i]), 'label': int(self.data.labels[i])}
 
 
-DATASETS = utils.Registry('dataset')   # name -> builder(args, tokenizer) -> Dataset
-DATASETS.register('shapes', lambda args, tokenizer: ShapesCaptions(
-    args.shapes_num_train, args.image_size, tokenizer, seed=args.seed,
-    builder=augment.SampleBuilder.from_args(args, tokenizer, plain_images=True)))
+# ----------------------------------------------------------------------------- registry
+
+def _builder(args, tokenizer, plain=False):
+    return augment.SampleBuilder.from_args(args, tokenizer, plain_images=plain)
+
+
+def _opts(args, builder):
+    return DecodeOptions(max_pixels=args.max_image_pixels, draft=draft_policy(builder))
+
+
+def _shapes(args, tokenizer):
+    data, _ = shapes_split('train', args.shapes_num_train, args.image_size)
+    fast = PretokenizedTokenizer(tokenizer, [c for caps in data.captions for c in caps])
+    return ShapesCaptions(args.shapes_num_train, args.image_size, _builder(args, fast, plain=True), args.seed)
+
+
+def _records(kind):
+    def build(args, tokenizer):
+        b = _builder(args, tokenizer)
+        return readers.records_reader(kind, args.root, args.metadata, b, _opts(args, b), args.seed,
+                                      args.allow_pickle)
+    return build
+
+
+def _merged(args, tokenizer):
+    b = _builder(args, tokenizer)
+    roots, metas = args.root.split(MERGE_SEP), args.metadata.split(MERGE_SEP)
+    return readers.ConcatReader([readers.records_reader(None, r, m, b, _opts(args, b), args.seed,
+                                                       args.allow_pickle) for r, m in zip(roots, metas)])
+
+
+def _csv(args, tokenizer):
+    b = _builder(args, tokenizer)
+    return readers.csv_reader(args.metadata, args.root, args.csv_img_key, args.csv_caption_key,
+                              args.csv_separator, b, _opts(args, b), args.seed)
+
+
+def _coco(args, tokenizer):
+    b = _builder(args, tokenizer)
+    return readers.coco_reader(args.metadata, args.root, b, _opts(args, b), args.seed)
+
+
+def _folder(args, tokenizer):
+    b = _builder(args, tokenizer)
+    return readers.folder_reader(args.root, b, _opts(args, b), args.seed)
+
+
+def _stream(name, layout, shards, num_samples, args, tokenizer, rename=None):
+    b = _builder(args, tokenizer)
+    if num_samples < utils.get_world_size() * args.batch_size:
+        raise DataError(f"{name}: an epoch of {num_samples} samples holds no full batch of "
+                        f"{args.batch_size} x {utils.get_world_size()} process(es)")
+    return streaming.StreamReader(
+        name, layout, shards, num_samples, args.batch_size, b, _opts(args, b), args.seed,
+        utils.get_rank(), utils.get_world_size(), args.wds_resampled, args.wds_shuffle_buffer, rename)
+
+
+def _wds(args, tokenizer):
+    shards = streaming.local_shards('wds', args.root, streaming.WDS_LAYOUT)
+    n = args.train_num_samples or streaming.count_samples(shards)
+    if n is None:
+        raise DataError("wds: pass --train-num-samples (samples per epoch): no *_stats.json or "
+                        "sizes.json beside the shards to count them")
+    return _stream('wds', streaming.WDS_LAYOUT, shards, n, args, tokenizer)
+
+
+def _tarpairs(args, tokenizer):
+    archives, total = streaming.tarpairs_shards(args.root, args.metadata, args.allow_pickle)
+    shards = streaming.local_shards('tarpairs', '::'.join(archives), streaming.TARPAIRS_LAYOUT)
+    return _stream('tarpairs', streaming.TARPAIRS_LAYOUT, shards,
+                   min(total, args.train_num_samples or total), args, tokenizer,
+                   rename=streaming.tarpairs_rename)
+
+
+DATASETS = utils.Registry('dataset')   # name -> build(args, tokenizer) -> Dataset
+DATASETS.register('shapes', _shapes)
+DATASETS.register('yfcc15m', _records('yfcc15m'))
+DATASETS.register('cc3m', _records('cc3m'))
+DATASETS.register('cc12m', _records('cc12m'))
+DATASETS.register('merged', _merged)
+DATASETS.register('wds', _wds)
+DATASETS.register('tarpairs', _tarpairs)
+DATASETS.register('csv', _csv)
+DATASETS.register('coco', _coco)
+DATASETS.register('folder', _folder)
+NEEDS = {'yfcc15m': 'rm', 'cc3m': 'rm', 'cc12m': 'rm', 'merged': 'rm', 'wds': 'r',
+         'tarpairs': 'rm', 'csv': 'm', 'coco': 'rm', 'folder': 'r'}   # r: --root, m: --metadata
+
+
+def resolve_data_args(args):
+    """Check the data flags before any work starts (ValueError = one-line usage error)."""
+    args.dataset = ALIASES.get(args.dataset, args.dataset)
+    DATASETS.get(args.dataset)
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    for key in ('max_image_pixels', 'prefetch_factor'):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    needs = NEEDS.get(args.dataset, '')
+    if 'r' in needs and not args.root:
+        raise ValueError(f"--dataset {args.dataset} needs --root (see README, section Data)")
+    if 'm' in needs and not args.metadata:
+        raise ValueError(f"--dataset {args.dataset} needs --metadata (see README, section Data)")
+    if args.dataset == 'merged' and len(args.root.split(MERGE_SEP)) != len(args.metadata.split(MERGE_SEP)):
+        raise ValueError(f"--dataset merged: --root and --metadata need as many '{MERGE_SEP}'-separated "
+                         f"entries, got {args.root!r} and {args.metadata!r}")
+    metas = args.metadata.split(MERGE_SEP) if args.dataset == 'merged' else [args.metadata]
+    for meta in (metas if args.metadata else []):
+        if not os.path.isfile(meta):
+            raise ValueError(f"--metadata: no such file {meta!r}")
 
 
 def build_train_dataset(args, tokenizer):
-    return DATASETS.get(args.dataset)(args, tokenizer)
+    """The registered reader for args.dataset, checked on a few samples: a data source that is
+    mostly unusable (wrong --root, wrong --metadata) stops here with one line."""
+    try:
+        dataset = DATASETS.get(args.dataset)(args, tokenizer)
+        if hasattr(dataset, 'probe'):
+            dataset.probe()
+    except DataError as e:
+        raise SystemExit(f"main.py: error: {e}") from None
+    print(f"training data: {getattr(dataset, 'name', args.dataset)}, "
+          + (f"{len(dataset)} batches of {args.batch_size} per epoch"
+             if isinstance(dataset, streaming.StreamReader) else f"{len(dataset)} samples"))
+    return dataset
 
 
 # ----------------------------------------------------------------------------- sampling
 
 class ResumableSampler(Sampler):
-    """Seeded per-epoch permutation, split across ranks, that can start mid-epoch.
+    """Seeded per-epoch permutation, split across ranks, that can start mid-epoch; yields
+    (index, seed, epoch), the seed = mix_seeds(run seed, epoch, index) making every sample
+    (augmentation, caption choice, replacement of a bad sample) a pure function of them.
 
     Each epoch draws `num_samples` indices (default: all) from a fresh permutation of the
     `n` samples. `set_epoch(epoch, start)` makes the next iteration yield this rank's share
@@ -165,7 +329,40 @@ class ResumableSampler(Sampler):
         return order[self.rank::self.world][self.start:]
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        index, epoch = self.indices().numpy(), self.epoch
+        for lo in range(0, len(index), 1 << 16):            # chunks: no 2 x N Python ints at once
+            chunk = index[lo:lo + (1 << 16)]
+            yield from zip(chunk.tolist(), mix_seeds(self.seed, epoch, chunk).tolist(),
+                           itertools.repeat(epoch))
 
     def __len__(self):
         return self.per_rank - self.start
+
+
+class StreamControl:
+    """The sampler-like handle main.py drives for a streaming reader."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def set_epoch(self, epoch, start=0):
+        self.dataset.set_position(epoch, start)
+
+    def __len__(self):
+        return len(self.dataset) * self.dataset.batch_size
+
+
+def build_loader(dataset, args):
+    """-> (sampler with set_epoch(epoch, start), DataLoader). Workers persist across epochs
+    (samples get their seed from the sampler, so nothing in a worker goes stale)."""
+    workers = args.workers
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0,
+                  prefetch_factor=args.prefetch_factor if workers > 0 else None)
+    if isinstance(dataset, streaming.StreamReader):
+        return StreamControl(dataset), torch.utils.data.DataLoader(dataset, batch_size=None, **common)
+    sampler = ResumableSampler(len(dataset), seed=args.seed, num_samples=args.train_num_samples)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed), **common)
+    return sampler, loader

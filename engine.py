@@ -6,6 +6,7 @@ import time
 
 import torch
 
+import readers
 import utils
 
 
@@ -55,6 +56,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
     header = f'Epoch: [{state.epoch}]'
     samples_per_micro = args.batch_size * utils.get_world_size()
     t0, n_seen = time.time(), 0
+    data_log = readers.DataLog(getattr(args, 'max_bad_fraction', 1.0))   # per-batch skip counts
     for i, batch in logger.log_every(loader, micro_total, args.print_freq * k, header,
                                      start=state.batch_in_epoch):
         if i >= micro_total:
@@ -64,6 +66,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
             lr = lr_at(state.step)
             for group in optimizer.param_groups:
                 group['lr'] = lr
+        data_log.update(batch.pop('_data', None))
         batch = to_device(batch, device)
         sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
@@ -93,6 +96,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
             break
     stats = logger.averages()
     stats['samples_per_s'] = n_seen / max(time.time() - t0, 1e-9)
+    stats.update(data_log.summary())
     return stats
 
 

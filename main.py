@@ -99,16 +99,37 @@ def get_args_parser():
     g.add_argument('--random-deletion-prob', type=float, default=0.2, help='EDA op weight (0.2)')
 
     g = parser.add_argument_group('data')
-    g.add_argument('--dataset', default='shapes', help='training set (registered: %s)' % ', '.join(datasets.DATASETS))
+    g.add_argument('--dataset', default='shapes', help='training set (registered: %s; upstream alias '
+                   'merged_opendata = merged); layouts in README, section Data' % ', '.join(datasets.DATASETS))
     g.add_argument('--root', default='', help='dataset root directory (real datasets)')
     g.add_argument('--metadata', default='', help='dataset metadata file (real datasets)')
     g.add_argument('--shapes-num-train', type=int, default=40000, help='size of the generated shapes training set')
     g.add_argument('--train-num-samples', type=int, default=None,
-                   help='cap the samples per epoch (quick runs); default: the whole dataset')
+                   help='cap the samples per epoch (quick runs); default: the whole dataset '
+                        '(wds: the epoch length, unless *_stats.json / sizes.json give it)')
     g.add_argument('--image-size', type=int, default=None,
                    help='training/eval resolution (default: the backbone native size; 64 for TINYCNN)')
     g.add_argument('-j', '--workers', type=int, default=0,
                    help='data-loading processes per training process (0 = in-process; 8-10 on a GPU node)')
+    g.add_argument('--prefetch-factor', type=int, default=2,
+                   help='batches each loader worker prepares ahead (2; more if decoding is bursty)')
+    g.add_argument('--caption-sampling', choices=['single', 'multi'], default='single',
+                   help='single: one caption per sample for every text view; multi: each CL2L '
+                        'text view draws its own caption (paper: multi on the merged 29M set)')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='read pickled metadata (upstream yfcc15m.pkl, cc3m.npy object arrays): '
+                        'can run code, so off; convert once with make_dataset.py instead')
+    g.add_argument('--csv-img-key', default='filepath', help='csv: image-path column (filepath)')
+    g.add_argument('--csv-caption-key', default='title', help='csv: caption column (title)')
+    g.add_argument('--csv-separator', default='\t', help='csv: field separator (tab; "," for CSV)')
+    g.add_argument('--wds-shuffle-buffer', type=int, default=1000,
+                   help='wds/tarpairs: samples in the shuffle buffer of each loader stream (1000; 0 = off)')
+    g.add_argument('--wds-resampled', action='store_true',
+                   help='wds/tarpairs: draw shards with replacement (epochs are --train-num-samples long)')
+    g.add_argument('--max-bad-fraction', type=float, default=0.01,
+                   help='stop when more than this fraction of an epoch\'s samples are unusable (0.01)')
+    g.add_argument('--max-image-pixels', type=int, default=89_478_485,
+                   help='refuse (skip) images with more pixels: decompression bombs (PIL default 89.5 M)')
 
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 5 on shapes)')
@@ -170,7 +191,7 @@ def resolve_args(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    datasets.DATASETS.get(args.dataset)
+    datasets.resolve_data_args(args)
     args.base, args.backbone, args.method = models.parse_model_name(args.model)
     if args.image_size is None:
         args.image_size = models.BACKBONES.get(args.backbone).image_size
@@ -271,13 +292,8 @@ def plain_args(args):
 
 
 def build_loader(dataset, args):
-    sampler = datasets.ResumableSampler(len(dataset), seed=args.seed,
-                                        num_samples=args.train_num_samples)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        drop_last=True, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, generator=torch.Generator().manual_seed(args.seed))
-    return sampler, loader
+    """-> (sampler with set_epoch(epoch, start), DataLoader); see datasets.build_loader."""
+    return datasets.build_loader(dataset, args)
 
 
 def report_zeroshot(results):

@@ -1,0 +1,349 @@
+"""Tiny image-caption datasets in the real on-disk layouts, for the data tests: zip trees
+(yfcc15m), .npy / .pkl / .jsonl metadata (cc3m, cc12m), tar shards (wds), .tar.gz + metadata
+dict (tarpairs), CSV/TSV, COCO JSON, folder pairs -- with bad samples of every kind mixed in.
+
+A dataset is a list of specs (image kind, caption kind); each writer returns the main.py
+flags that read it, and `expected_counts` the exact events the run must log.
+"""
+import io
+import json
+import os
+import pickle
+import random
+import struct
+import tarfile
+import zipfile
+import zlib
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+GOOD_IMAGES = ('jpeg', 'png')
+CONVERTED = {'cmyk': 'image_cmyk', 'gray16': 'image_16bit', 'palette': 'image_palette',
+             'palette_alpha': 'image_palette', 'rgba': 'image_alpha', 'la': 'image_alpha',
+             'gray': 'image_gray'}
+BAD_IMAGES = {'garbage': 'corrupt_image', 'trunc_jpeg': 'corrupt_image', 'trunc_png': 'corrupt_image',
+              'zero': 'empty_file', 'missing': 'missing_file', 'bomb_png': 'too_large',
+              'bomb_jpeg': 'too_large'}
+BAD_CAPTIONS = {'empty': 'caption_empty', 'none': 'caption_missing', 'bad_utf8': 'caption_not_utf8'}
+LONG = 'caption_truncated'
+NOT_IN = {'folder': {'missing', 'none'}}      # kinds a layout cannot express
+
+
+# ----------------------------------------------------------------------------- images
+
+def _pixels(seed, w, h):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
+                     np.full_like(x, (seed * 37) % 256)], -1)
+    return np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg(seed=0, w=64, h=48, quality=90):
+    return encode(Image.fromarray(_pixels(seed, w, h)), 'JPEG', quality=quality)
+
+
+@lru_cache(maxsize=None)
+def _bomb_png():
+    """A real decompression bomb: 20000 x 20000 1-bit PNG of zeros (~50 KB on disk)."""
+    w = h = 20000
+    raw = zlib.compress((b'\x00' + b'\x00' * ((w + 7) // 8)) * h, 9)
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 1, 0, 0, 0, 0))
+            + chunk(b'IDAT', raw) + chunk(b'IEND', b''))
+
+
+def _bomb_jpeg():
+    """A small JPEG whose header claims 10000 x 10000 pixels (over the 89.5 M default cap)."""
+    data = bytearray(jpeg(1))
+    i = data.index(b'\xff\xc0')                 # SOF0: length(2) precision(1) height(2) width(2)
+    data[i + 5:i + 9] = struct.pack('>HH', 10000, 10000)
+    return bytes(data)
+
+
+def image_bytes(kind, seed=0):
+    """Bytes of one image of `kind` (None for 'missing')."""
+    rgb = Image.fromarray(_pixels(seed, 64, 48))
+    if kind == 'jpeg':
+        return jpeg(seed)
+    if kind == 'png':
+        return encode(rgb, 'PNG')
+    if kind == 'cmyk':
+        return encode(rgb.convert('CMYK'), 'JPEG')
+    if kind == 'gray16':
+        return encode(Image.fromarray((_pixels(seed, 64, 48)[..., 0].astype(np.uint16) * 257)), 'PNG')
+    if kind == 'palette':
+        return encode(rgb.convert('P'), 'PNG')
+    if kind == 'palette_alpha':
+        return encode(rgb.convert('P'), 'PNG', transparency=0)
+    if kind == 'rgba':
+        return encode(rgb.convert('RGBA'), 'PNG')
+    if kind == 'la':
+        return encode(rgb.convert('LA'), 'PNG')
+    if kind == 'gray':
+        return encode(rgb.convert('L'), 'JPEG')
+    if kind == 'garbage':
+        return b'this is not an image ' * 20
+    if kind == 'trunc_jpeg':
+        data = jpeg(seed, 200, 150)
+        return data[:len(data) // 2]
+    if kind == 'trunc_png':
+        data = encode(Image.fromarray(_pixels(seed, 200, 150)), 'PNG')
+        return data[:len(data) // 2]
+    if kind == 'zero':
+        return b''
+    if kind == 'bomb_png':
+        return _bomb_png()
+    if kind == 'bomb_jpeg':
+        return _bomb_jpeg()
+    if kind == 'missing':
+        return None
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- captions
+
+def caption(kind, i):
+    """A caption of `kind` as a Python value (str / None; bad UTF-8 as a lone surrogate)."""
+    return {'ok': f'a photo of item {i}', 'long': 'word ' * 2000 + f'item {i}', 'empty': '  <b></b> ',
+            'none': None, 'bad_utf8': f'bad \udcff caption {i}'}[kind]
+
+
+def caption_bytes(kind, i):
+    """The same as file bytes (None = no caption file)."""
+    if kind == 'bad_utf8':
+        return b'bad \xff\xfe caption %d' % i
+    text = caption(kind, i)
+    return None if text is None else text.encode()
+
+
+# ----------------------------------------------------------------------------- specs
+
+def specs(n_good=8, bad_each=0, converted_each=0, long_each=0, skip=(), seed=0):
+    """[(image kind, caption kind)]: good samples, every bad kind `bad_each` times, every
+    converted mode `converted_each` times; shuffled, with the first 16 and every probe
+    position good (the start-up probe is tested on its own)."""
+    out = [(GOOD_IMAGES[i % 2], 'ok') for i in range(n_good)]
+    out += [(k, 'ok') for k in BAD_IMAGES if k not in skip for _ in range(bad_each)]
+    out += [('jpeg', k) for k in BAD_CAPTIONS if k not in skip for _ in range(bad_each)]
+    out += [(k, 'ok') for k in CONVERTED for _ in range(converted_each)]
+    out += [('jpeg', 'long') for _ in range(long_each)]
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    protected = set(range(min(16, len(out)))) | {int(i) for i in np.linspace(0, len(out) - 1, min(16, len(out)))}
+    goods = [i for i, s in enumerate(out) if s == ('jpeg', 'ok') or s == ('png', 'ok')]
+    spare = [i for i in goods if i not in protected]
+    for p in sorted(protected):
+        if out[p] not in (('jpeg', 'ok'), ('png', 'ok')):
+            j = spare.pop()
+            out[p], out[j] = out[j], out[p]
+    return out
+
+
+def expected_counts(sample_specs):
+    """The events a full epoch over these specs must log (captions are checked first)."""
+    counts = {'drawn': len(sample_specs)}
+    for image, cap in sample_specs:
+        event = BAD_CAPTIONS.get(cap) or BAD_IMAGES.get(image) or CONVERTED.get(image)
+        if cap == 'long':
+            event = LONG
+        if event:
+            counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def write_files(folder, sample_specs, ext_of=lambda k: 'png' if 'png' in k or k in ('palette', 'palette_alpha', 'rgba', 'la', 'gray16') else 'jpg'):
+    """Images as files folder/img/NNNNN.ext (missing ones not written) -> relative paths."""
+    os.makedirs(os.path.join(folder, 'img'), exist_ok=True)
+    paths = []
+    for i, (kind, _) in enumerate(sample_specs):
+        rel = os.path.join('img', f'{i:05d}.{ext_of(kind)}')
+        data = image_bytes(kind, i)
+        if data is not None:
+            with open(os.path.join(folder, rel), 'wb') as f:
+                f.write(data)
+        paths.append(rel)
+    return paths
+
+
+def write_yfcc(root, sample_specs, meta_format='jsonl', first_index=12345000):
+    """root/images/XX/YYY.zip members ZZZ.jpg + metadata (index, title, description)."""
+    rows = []
+    zips = {}
+    for i, (kind, cap) in enumerate(sample_specs):
+        index = first_index + i * 7                   # spread over several zip archives
+        digits = f'{index:08d}'
+        path = os.path.join(root, 'images', digits[:2], digits[2:5] + '.zip')
+        data = image_bytes(kind, i)
+        zips.setdefault(path, [])
+        if data is not None:
+            zips[path].append((digits[5:] + '.jpg', data))
+        title = caption(cap, i)
+        rows.append((index, title, '' if cap == 'ok' else (None if cap == 'none' else ' ')))
+    for path, members in zips.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with zipfile.ZipFile(path, 'w') as z:
+            for name, data in members:
+                z.writestr(name, data)
+    meta = os.path.join(root, f'yfcc15m.{meta_format}')
+    if meta_format == 'pkl':
+        with open(meta, 'wb') as f:
+            pickle.dump(rows, f)
+    elif meta_format == 'jsonl':
+        _jsonl(meta, [{'index': r[0], 'title': r[1], 'description': r[2]} for r in rows])
+    elif meta_format == 'npz':
+        from metadata import build_records
+        build_records('yfcc15m', [r[0] for r in rows], [[r[1], r[2]] for r in rows]).save(meta)
+    return ['--dataset', 'yfcc15m', '--root', root, '--metadata', meta]
+
+
+def write_cc(root, sample_specs, kind='cc3m', meta_format='npy'):
+    """Images under root + an upstream .npy object array of dicts (or .jsonl)."""
+    paths = write_files(root, sample_specs)
+    rows = []
+    for i, ((_, cap), rel) in enumerate(zip(sample_specs, paths)):
+        captions = [caption(cap, i)] if cap != 'none' else None
+        rows.append({'image_id': rel, 'captions': captions} if kind == 'cc3m'
+                    else {'image_name': rel, 'image_id': i, 'captions': captions})
+    meta = os.path.join(root, f'{kind}.{meta_format}')
+    if meta_format == 'npy':
+        np.save(meta, np.array(rows, dtype=object), allow_pickle=True)
+    else:
+        _jsonl(meta, rows)
+    return ['--dataset', kind, '--root', root, '--metadata', meta]
+
+
+def write_csv(root, sample_specs, sep='\t', img_key='filepath', caption_key='title'):
+    """OpenCLIP CSV: header + rows (a None caption = a short row; bad UTF-8 = raw bytes)."""
+    paths = write_files(root, sample_specs)
+    meta = os.path.join(root, 'train.csv' if sep == ',' else 'train.tsv')
+    with open(meta, 'wb') as f:
+        f.write(f'{img_key}{sep}{caption_key}{sep}other\n'.encode())
+        for i, ((_, cap), rel) in enumerate(zip(sample_specs, paths)):
+            text = caption_bytes(cap, i)
+            if text is None:
+                f.write(rel.encode() + b'\n')
+            else:
+                f.write(rel.encode() + sep.encode() + b'"' + text.replace(b'"', b'""') + b'"' + sep.encode() + b'x\n')
+    flags = ['--dataset', 'csv', '--metadata', meta]
+    if sep != '\t':
+        flags += ['--csv-separator', sep]
+    if img_key != 'filepath':
+        flags += ['--csv-img-key', img_key, '--csv-caption-key', caption_key]
+    return flags
+
+
+def write_coco(root, sample_specs):
+    """root/train2017/*.jpg + root/annotations/captions_train2017.json, five captions each."""
+    images, anns = [], []
+    os.makedirs(os.path.join(root, 'train2017'), exist_ok=True)
+    for i, (kind, cap) in enumerate(sample_specs):
+        image_id = 1000 + i * 3
+        name = f'{image_id:012d}.jpg'
+        data = image_bytes(kind, i)
+        if data is not None:
+            with open(os.path.join(root, 'train2017', name), 'wb') as f:
+                f.write(data)
+        images.append({'id': image_id, 'file_name': name, 'width': 64, 'height': 48})
+        for k in range(5):
+            text = caption(cap, i)
+            anns.append({'id': len(anns), 'image_id': image_id,
+                         'caption': text + f' ({k})' if cap in ('ok', 'long') else text})
+    meta = os.path.join(root, 'annotations', 'captions_train2017.json')
+    os.makedirs(os.path.dirname(meta), exist_ok=True)
+    with open(meta, 'w') as f:
+        json.dump({'info': {}, 'images': images, 'annotations': anns}, f)
+    return ['--dataset', 'coco', '--root', root, '--metadata', meta]
+
+
+def write_folder(root, sample_specs):
+    """train-CLIP layout: images in images/<sub>/, captions in texts/<other sub>/, by stem."""
+    for i, (kind, cap) in enumerate(sample_specs):
+        data, text = image_bytes(kind, i), caption_bytes(cap, i)
+        img_dir = os.path.join(root, 'images', f'part{i % 3}')
+        txt_dir = os.path.join(root, 'texts', f'group{i % 4}')
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(txt_dir, exist_ok=True)
+        ext = 'png' if kind in ('png', 'palette', 'palette_alpha', 'rgba', 'la', 'gray16', 'trunc_png', 'bomb_png') else 'jpg'
+        with open(os.path.join(img_dir, f'sample{i:05d}.{ext}'), 'wb') as f:
+            f.write(data)
+        if cap == 'ok':
+            text = text + b'\nsecond caption of item %d\n' % i
+        with open(os.path.join(txt_dir, f'sample{i:05d}.txt'), 'wb') as f:
+            f.write(text if cap != 'empty' else b'\n  \n')
+    return ['--dataset', 'folder', '--root', root]
+
+
+def write_wds(root, sample_specs, shards=4, stats=False):
+    """img2dataset-style shards root/{00000..N}.tar: KEY.jpg / KEY.txt / KEY.json."""
+    os.makedirs(root, exist_ok=True)
+    per = -(-len(sample_specs) // shards)
+    for s in range(shards):
+        part = list(enumerate(sample_specs))[s * per:(s + 1) * per]
+        path = os.path.join(root, f'{s:05d}.tar')
+        with tarfile.open(path, 'w') as tar:
+            for i, (kind, cap) in part:
+                key = f'{s:05d}{i:04d}'
+                ext = 'png' if 'png' in kind or kind in ('palette', 'palette_alpha', 'rgba', 'la', 'gray16') else 'jpg'
+                members = [(f'{key}.{ext}', image_bytes(kind, i)), (f'{key}.txt', caption_bytes(cap, i)),
+                           (f'{key}.json', json.dumps({'key': key, 'status': 'success'}).encode())]
+                for name, data in members:
+                    if data is not None:
+                        _add(tar, name, data)
+        if stats:
+            with open(os.path.join(root, f'{s:05d}_stats.json'), 'w') as f:
+                json.dump({'successes': len(part)}, f)
+    return ['--dataset', 'wds', '--root', os.path.join(root, '{00000..%05d}.tar' % (shards - 1))]
+
+
+def write_tarpairs(root, sample_specs, per_archive=50):
+    """RangeAugment: root/00000000_<a>_<b>.tar.gz with members 00000000_<id>_image / _text,
+    and metadata.json {'a-b': archive}."""
+    os.makedirs(root, exist_ok=True)
+    table = {}
+    for a in range(0, len(sample_specs), per_archive):
+        b = min(a + per_archive, len(sample_specs))
+        name = f'00000000_{a}_{b}.tar.gz'
+        with tarfile.open(os.path.join(root, name), 'w:gz') as tar:
+            for i in range(a, b):
+                kind, cap = sample_specs[i]
+                for suffix, data in (('image', image_bytes(kind, i)), ('text', caption_bytes(cap, i))):
+                    if data is not None:
+                        _add(tar, f'00000000_{i}_{suffix}', data)
+        table[f'{a}-{b}'] = name
+    meta = os.path.join(root, 'metadata.json')
+    with open(meta, 'w') as f:
+        json.dump(table, f)
+    return ['--dataset', 'tarpairs', '--root', root, '--metadata', meta]
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jsonl(path, rows):
+    with open(path, 'w', encoding='utf-8', errors='surrogatepass') as f:
+        for row in rows:
+            f.write(json.dumps(row) + '\n')
+
+
+WRITERS = {
+    'yfcc15m': write_yfcc, 'cc3m': lambda r, s: write_cc(r, s, 'cc3m'),
+    'cc12m': lambda r, s: write_cc(r, s, 'cc12m'), 'csv': write_csv, 'coco': write_coco,
+    'folder': write_folder, 'wds': write_wds, 'tarpairs': write_tarpairs,
+}
+NEEDS_PICKLE = {'cc3m', 'cc12m'}              # the upstream .npy object arrays
