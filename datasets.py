@@ -27,7 +27,6 @@ from decode import DecodeOptions, draft_policy
 from metadata import DataError
 from readers import DataLog, collate, mix_seeds  # noqa: F401  (re-exported for engine/tests)
 
-CLIP_MEAN, CLIP_STD = augment.CLIP_MEAN, augment.CLIP_STD
 ALIASES = {'merged_opendata': 'merged'}      # upstream clip-rocket spelling
 MERGE_SEP = '---'                            # upstream: --metadata a.npy---b.npy --root a---b
 
@@ -84,14 +83,10 @@ class PretokenizedTokenizer:
 
 # ----------------------------------------------------------------------------- images
 
-def eval_transform(image_size):
-    return augment.eval_transform(image_size)
-
-
 def normalize_uint8(images):
     """uint8 [..., 3, H, W] -> CLIP-normalised float32."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD).view(3, 1, 1) * 255
+    mean = torch.tensor(augment.CLIP_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(augment.CLIP_STD).view(3, 1, 1) * 255
     return (images.float() - mean) / std
 
 
