@@ -12,6 +12,7 @@ import augment
 import losses
 import main as train
 import models
+from conftest import params_without_grad, unzero_norms
 
 TINY = ('TINYVIT', 'TINYCNN')
 LOSS_ARGS = argparse.Namespace(label_smoothing=0.0, loss_avg_or_sum='avg', barlip_lamb=5e-3,
@@ -43,14 +44,11 @@ def test_every_combination_trains(name, tokenizer):
     kw = {} if name.split('_')[1] in TINY else dict(SMALL_HEADS, transformer_layers=1)
     model = models.create_model(name, image_size=min(backbone.image_size, 64),
                                 separate_proj=True, **kw)
-    for m in model.modules():   # zero-initialised residual norms (timm ResNet) block gradients
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-            torch.nn.init.normal_(m.weight, 1.0, 0.1)
+    unzero_norms(model)
     terms = losses.build_loss(name.split('_')[2], LOSS_ARGS)(model(_batch(model, tokenizer)))
     assert all(torch.isfinite(v).all() for v in terms.values()), terms
     terms['loss'].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and
-               (p.grad is None or p.grad.abs().sum() == 0 or not torch.isfinite(p.grad).all())]
+    missing = params_without_grad(model)
     assert not missing, f'trainable parameters without gradient: {missing[:8]}'
     teacher = [p for n, p in model.named_parameters() if n.startswith('teacher.')]
     assert all(not p.requires_grad and p.grad is None for p in teacher)

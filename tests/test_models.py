@@ -7,6 +7,7 @@ import torch
 
 import losses
 import models
+from conftest import params_without_grad, unzero_norms
 
 REAL_SMALL_RES = 64          # real towers run at a small resolution to keep the test fast
 
@@ -23,17 +24,14 @@ def test_every_backbone_trains(backbone, tokenizer):
     size = min(models.BACKBONES[backbone].image_size, REAL_SMALL_RES)
     torch.manual_seed(0)
     model = models.create_model(name, image_size=size, transformer_layers=2)
-    for m in model.modules():   # zero-initialised residual norms (timm ResNet) block gradients
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-            torch.nn.init.normal_(m.weight, 1.0, 0.1)                    # at step 0: un-zero them
+    unzero_norms(model)
     out = model(_batch(model, tokenizer))
     assert out['image_embed'].shape == out['text_embed'].shape == (4, model.embed_dim)
     assert torch.allclose(out['image_embed'].norm(dim=-1), torch.ones(4), atol=1e-5)
     terms = losses.CLIPLoss()(out)
     assert torch.isfinite(terms['loss'])
     terms['loss'].backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    missing = params_without_grad(model)
     assert not missing, f'parameters without gradient: {missing[:10]}'
 
 
