@@ -303,8 +303,13 @@ def report_zeroshot(results):
         print(f"zero-shot top-1 ({label}): {r['top1']:.1f}%")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None):
+    """Train. `argv`: command-line flags (default sys.argv); `args`: an already parsed Namespace
+    from a parser built on get_args_parser() (e.g. run_with_submitit.py), resolved here."""
+    if args is None:
+        args = parse_args(argv)
+    elif not hasattr(args, 'method'):
+        resolve_args(args)
     device = utils.init_distributed(args.dist_backend)
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"git: {utils.git_sha()}")
