@@ -52,30 +52,27 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
     model.train()
     logger = utils.MetricLogger()
     k = args.update_freq
+    accumulate = ACCUMULATE[getattr(args, 'accum_mode', 'cached') if k > 1 else 'simple']
     micro_total = args.steps_per_epoch * k
     header = f'Epoch: [{state.epoch}]'
     samples_per_micro = args.batch_size * utils.get_world_size()
     t0, n_seen = time.time(), 0
     data_log = readers.DataLog(getattr(args, 'max_bad_fraction', 1.0))   # per-batch skip counts
+    micro_batches = []
     for i, batch in logger.log_every(loader, micro_total, args.print_freq * k, header,
                                      start=state.batch_in_epoch):
         if i >= micro_total:
             break
-        first, last = i % k == 0, (i + 1) % k == 0
-        if first:
-            lr = lr_at(state.step)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
         data_log.update(batch.pop('_data', None))
-        batch = to_device(batch, device)
-        sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
-        with sync:
-            with autocast(device, args.precision):
-                terms = loss_fn(model(batch))
-            scaler.scale(terms['loss'] / k).backward()
+        micro_batches.append(to_device(batch, device))
         n_seen += samples_per_micro
-        if not last:
+        if (i + 1) % k:
             continue
+        lr = lr_at(state.step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        terms = accumulate(model, loss_fn, micro_batches, scaler, device, args.precision)
+        micro_batches = []
         if not _grads_finite(terms['loss'], optimizer):
             state.skipped_steps += 1
             print(f"non-finite loss or gradient at step {state.step}: step skipped "
@@ -98,6 +95,113 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
     stats['samples_per_s'] = n_seen / max(time.time() - t0, 1e-9)
     stats.update(data_log.summary())
     return stats
+
+
+def _sync_unless(last, model):
+    """DDP all-reduces gradients only on the last micro-batch of an update."""
+    return contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
+
+
+def accumulate_simple(model, loss_fn, micro_batches, scaler, device, precision):
+    """Upstream accumulation: each micro-batch is its own loss (its own negatives), gradients
+    of loss / k summed. Returns the micro-batch average of the loss terms."""
+    k = len(micro_batches)
+    total = {}
+    for j, batch in enumerate(micro_batches):
+        with _sync_unless(j == k - 1, model):
+            with autocast(device, precision):
+                terms = loss_fn(model(batch))
+            scaler.scale(terms['loss'] / k).backward()
+        for name, v in terms.items():
+            total[name] = total.get(name, 0) + v.detach() / k
+    return total
+
+
+def accumulate_cached(model, loss_fn, micro_batches, scaler, device, precision):
+    """Accumulation with exact negatives: the update equals one step on the k micro-batches
+    as a single batch (for models without BatchNorm, whose statistics stay per micro-batch).
+
+    1. Forward every micro-batch without gradient and cache its outputs.
+    2. For each micro-batch j: forward it again with gradient (same RNG state, so dropout
+       draws the same masks), put it in place of its cached outputs, compute the loss over
+       the whole batch, backpropagate. The gradient reaching the parameters through j is
+       dL/d(out_j) * d(out_j)/d(theta) at the full batch, so the sum over j is dL/d(theta).
+    Outputs that are not per-sample (logit scales, biases) take part live only in the last
+    pass, so their gradient is counted once (and DDP sees every parameter in the synced pass).
+    Cost: one extra forward per micro-batch. Returns the loss terms of the whole batch."""
+    k = len(micro_batches)
+    core = unwrap(model)
+    rng = []
+    with torch.no_grad(), _frozen_batchnorm_stats(core):
+        cached = []
+        for batch in micro_batches:
+            rng.append(_rng_snapshot(device))
+            with autocast(device, precision):
+                cached.append(_detach(model(batch)))
+    after = _rng_snapshot(device)
+    for j, batch in enumerate(micro_batches):
+        last = j == k - 1
+        _rng_restore(rng[j], device)
+        with _sync_unless(last, model):
+            with autocast(device, precision):
+                live = model(batch)
+                terms = loss_fn(_splice(cached, j, live, keep_shared=last))
+            scaler.scale(terms['loss']).backward()
+    _rng_restore(after, device)
+    return {name: v.detach() for name, v in terms.items()}
+
+
+ACCUMULATE = {'cached': accumulate_cached, 'simple': accumulate_simple}
+
+
+def _splice(cached, j, live, keep_shared):
+    """The outputs of all micro-batches concatenated, micro-batch j's live (with gradient).
+    0-d tensors (logit scale/bias) are shared: live if keep_shared, else detached."""
+    if isinstance(live, dict):
+        return {key: _splice([c[key] for c in cached], j, live[key], keep_shared) for key in live}
+    if isinstance(live, (list, tuple)):
+        return [_splice([c[i] for c in cached], j, v, keep_shared) for i, v in enumerate(live)]
+    if not torch.is_tensor(live):
+        return live
+    if live.dim() == 0:
+        return live if keep_shared else live.detach()
+    return torch.cat([live if i == j else c for i, c in enumerate(cached)])
+
+
+def _detach(out):
+    if isinstance(out, dict):
+        return {key: _detach(v) for key, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_detach(v) for v in out]
+    return out.detach() if torch.is_tensor(out) else out
+
+
+def _rng_snapshot(device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+
+
+def _rng_restore(snapshot, device):
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(model):
+    """BatchNorm running statistics untouched by the gradient-free pass (momentum 0 and the
+    batch counter restored): each micro-batch updates them once, in its live pass."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.momentum is not None]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def _grads_finite(loss, optimizer):

@@ -135,7 +135,12 @@ def get_args_parser():
     g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 5 on shapes)')
     g.add_argument('--batch-size', type=int, default=None,
                    help='batch per process (default 64, 256 on shapes; paper: 128 x 32 GPUs)')
-    g.add_argument('--update-freq', type=int, default=1, help='gradient accumulation steps per update')
+    g.add_argument('--update-freq', type=int, default=1,
+                   help='micro-batches per optimizer step (global batch = batch-size x update-freq x processes)')
+    g.add_argument('--accum-mode', choices=['cached', 'simple'], default='cached',
+                   help='with --update-freq > 1: cached = the update of one big batch (negatives from '
+                        'all micro-batches; one extra forward each); simple = upstream, independent '
+                        'micro-batch losses')
     g.add_argument('--lr', type=float, default=None, help='peak learning rate (default 3e-3)')
     g.add_argument('--lr-start', type=float, default=None, help='warm-up start learning rate (1e-6)')
     g.add_argument('--lr-end', type=float, default=None, help='final cosine learning rate (1e-5; 0 on shapes)')

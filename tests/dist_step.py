@@ -4,7 +4,8 @@
 
 Every rank builds the same model and the same global batch of 2*b samples, keeps its own
 half, runs forward + backward through DDP, and rank 0 saves the rank-averaged loss and the
-(all-reduced) gradients. Without torchrun it computes the same on the whole batch.
+(all-reduced) gradients (with --update-freq k: over k micro-batches per rank, cached
+accumulation). Without torchrun it computes the same on the whole batch in one pass.
 """
 import os
 import sys
@@ -14,12 +15,22 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
+import engine  # noqa: E402
 import losses  # noqa: E402
 import main as train  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 
 GLOBAL_BATCH = 8
+# BatchNorm-free configurations (model name + flags) of each loss, shared with test_accumulation
+CASES = {
+    'CLIP': ['CLIP_TINYVIT_CLIP', '--label-smoothing', '0.1'],
+    'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
+    'CL2L': ['CL2L_TINYVIT_CL2L', '--separate-proj', '--cl2l-img-proj-type', 'linear',
+             '--cl2l-txt-proj-type', 'linear', '--label-smoothing', '0.1', '--loss-avg-or-sum', 'sum'],
+    'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
+    'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
+}
 
 
 def global_batch(model, tokenizer, views):
@@ -46,9 +57,16 @@ def main():
     b = GLOBAL_BATCH // world
     local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loss = losses.build_loss(args.method, args)(net(local))['loss']
-    loss.backward()                                   # DDP averages gradients over ranks
-    loss = loss.detach()
+    loss_fn = losses.build_loss(args.method, args)
+    if args.update_freq > 1 and world > 1:            # cached accumulation over micro-batches
+        k = args.update_freq
+        micro = [{key: v[j * b // k:(j + 1) * b // k] for key, v in local.items()} for j in range(k)]
+        loss = engine.accumulate_cached(net, loss_fn, micro, torch.amp.GradScaler('cpu', enabled=False),
+                                        torch.device('cpu'), 'fp32')['loss']
+    else:
+        loss = loss_fn(net(local))['loss']
+        loss.backward()                               # DDP averages gradients over ranks
+        loss = loss.detach()
     if world > 1:
         dist.all_reduce(loss)
         loss /= world

@@ -9,15 +9,10 @@ import sys
 import pytest
 import torch
 
+from dist_step import CASES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, 'dist_step.py')
-CASES = {
-    'CLIP': ['CLIP_TINYVIT_CLIP', '--label-smoothing', '0.1'],
-    'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
-    'CL2L': ['CL2L_TINYVIT_CL2L', '--separate-proj', '--cl2l-img-proj-type', 'linear',
-             '--cl2l-txt-proj-type', 'linear', '--label-smoothing', '0.1', '--loss-avg-or-sum', 'sum'],
-    'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
-}
 
 
 def _run(cmd, tmp_path):
