@@ -337,10 +337,7 @@ def main(argv=None, args=None):
     state, best_top1 = resume_checkpoint(args, model, optimizer, scaler)
     if utils.get_world_size() > 1:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            if device.type == 'cuda':
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:  # PyTorch's SyncBatchNorm runs on GPUs only
-                print("note: BatchNorm statistics stay per process on CPU (SyncBatchNorm needs CUDA)")
+            model = models.sync_batchnorm(model, device)   # statistics over the global batch
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     wandb_run = init_wandb(args)

@@ -31,6 +31,13 @@ CASES = {
     'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
     'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
 }
+# configurations with BatchNorm in the heads: exact across processes through models.sync_batchnorm
+SYNCBN_CASES = {
+    'BARLIP': ['CL2L_TINYVIT_BARLIP', '--separate-proj', '--label-smoothing', '0.1'],
+    'SIAMLIP': ['CL2L_TINYVIT_SIAMLIP', '--separate-proj'],
+    'BYOLIP': ['CL2L_TINYVIT_BYOLIP', '--separate-proj', '--separate-proj-child'],
+    'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj'],
+}
 
 
 def global_batch(model, tokenizer, views):
@@ -56,7 +63,9 @@ def main():
     batch = global_batch(model, datasets.Tokenizer(), views)
     b = GLOBAL_BATCH // world
     local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(models.sync_batchnorm(model, torch.device('cpu')))
     loss_fn = losses.build_loss(args.method, args)
     if args.update_freq > 1 and world > 1:            # cached accumulation over micro-batches
         k = args.update_freq
