@@ -47,6 +47,10 @@ def get_args_parser():
     g.add_argument('--transformer-width', type=int, default=None, help='text width (default 512)')
     g.add_argument('--transformer-heads', type=int, default=None, help='text heads (default 8)')
     g.add_argument('--context-length', type=int, default=77, help='text tokens incl. SOT/EOT (77)')
+    g.add_argument('--logit-scale-init', type=float, default=None,
+                   help='initial temperature exp(logit scale) (default: 1/0.07; SIGLIP 10)')
+    g.add_argument('--logit-bias-init', type=float, default=None,
+                   help='initial logit bias of SIGLIP (default -10)')
     g.add_argument('--checkpoint-grad', action='store_true',
                    help='activation checkpointing in both towers: less memory, ~20%% slower')
 
@@ -225,6 +229,10 @@ def resolve_args(args):
 
 def resolve_method_args(args):
     """Upstream aliases and method-specific checks of the CL2L/method flags."""
+    if args.logit_bias_init is not None and args.method != 'SIGLIP':
+        raise ValueError(f"--logit-bias-init goes with *_SIGLIP (the only method with a logit bias), not {args.method}")
+    if args.logit_scale_init is not None and args.logit_scale_init <= 0:
+        raise ValueError(f"--logit-scale-init must be > 0 (it is exp(logit scale)), got {args.logit_scale_init}")
     if args.momentum is not None:
         if args.method not in ('SIAMLIP', 'BYOLIP'):
             raise ValueError(f"--momentum (EMA teacher) goes with *_SIAMLIP / *_BYOLIP, not {args.method}")

@@ -143,7 +143,8 @@ def create_model(name, **overrides):
     """Build a model by name. Overrides set to None are dropped, so defaults live in the configs.
 
     Accepted overrides: embed_dim, proj_type, image_size, the text keys (transformer_width,
-    transformer_heads, transformer_layers, context_length, text_act) and every HeadCfg field.
+    transformer_heads, transformer_layers, context_length, text_act), every HeadCfg field,
+    logit_scale_init (initial exp(logit scale)) and logit_bias_init (SigLIP).
     """
     base, backbone, method = parse_model_name(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -152,14 +153,20 @@ def create_model(name, **overrides):
                                     for k in list(overrides) if k in _TEXT_KEYS})
     head_cfg = replace(HeadCfg(**cfg.heads), **{k: overrides.pop(k)
                                                 for k in list(overrides) if k in _HEAD_KEYS})
+    method_cfg = METHODS.get(method)
+    if 'logit_bias_init' in overrides and method_cfg.logit_bias_init is None:
+        raise ValueError(f"--logit-bias-init: method {method} has no logit bias (only SIGLIP has)")
+    method_cfg = replace(method_cfg, **{k: overrides.pop(k) for k in list(overrides)
+                                        if k in ('logit_scale_init', 'logit_bias_init')})
     model = BASES.get(base)(
-        backbone=cfg, text_cfg=text_cfg, head_cfg=head_cfg, method_cfg=METHODS.get(method),
+        backbone=cfg, text_cfg=text_cfg, head_cfg=head_cfg, method_cfg=method_cfg,
         embed_dim=overrides.pop('embed_dim', cfg.embed_dim),
         proj_type=overrides.pop('proj_type', cfg.proj_type),
         image_size=overrides.pop('image_size', cfg.image_size))
     if overrides:
         raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
-                         f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}")
+                         f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}, "
+                         f"logit_scale_init, logit_bias_init")
     model.model_name = name
     return model
 
@@ -167,7 +174,7 @@ def create_model(name, **overrides):
 def create_model_from_flags(name, flags):
     """Build from main.py's flags (a dict or Namespace, e.g. a checkpoint's `args`)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
-    keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS]
+    keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init']
     return create_model(name, proj_type=flags.get('clip_proj_type'),
                         **{k: flags.get(k) for k in keys})
 

@@ -142,3 +142,15 @@ def test_grad_checkpointing_gives_the_same_gradients(name, tokenizer):
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-10), k
+
+
+def test_logit_scale_and_bias_init_flags():
+    import main as train
+    args = train.parse_args(['--model', 'CLIP_TINYCNN_SIGLIP', '--logit-scale-init', '20',
+                             '--logit-bias-init', '-5'])
+    model = models.create_model_from_flags(args.model, args)
+    assert torch.isclose(model.logit_scale.exp(), torch.tensor(20.0)) and float(model.logit_bias) == -5.0
+    default = models.create_model('CLIP_TINYCNN_SIGLIP')
+    assert torch.isclose(default.logit_scale.exp(), torch.tensor(10.0)) and float(default.logit_bias) == -10.0
+    with pytest.raises(SystemExit):
+        train.parse_args(['--model', 'CLIP_TINYCNN_CLIP', '--logit-bias-init', '-5'])
