@@ -178,6 +178,8 @@ def get_args_parser():
     g.add_argument('--wandb', action='store_true', help='log to Weights & Biases')
     g.add_argument('--offline', action='store_true', help='wandb offline mode')
     g.add_argument('--name', default='vlp-baselines', help='wandb run name')
+    g.add_argument('--ddp-bucket-cap-mb', type=float, default=25,
+                   help='DDP gradient bucket size in MB (25; larger buckets, fewer all-reduces)')
     g.add_argument('--dist-backend', default='auto', choices=['auto', 'nccl', 'gloo'],
                    help='auto = nccl with CUDA, gloo without')
     return parser
@@ -346,8 +348,11 @@ def main(argv=None, args=None):
     if utils.get_world_size() > 1:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = models.sync_batchnorm(model, device)   # statistics over the global batch
+        unused = args.base == 'CL2L' and args.num_augs == 0   # the h heads see no view
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+            model, device_ids=[device.index] if device.type == 'cuda' else None,
+            bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
+            find_unused_parameters=unused, static_graph=not unused and args.update_freq == 1)
     wandb_run = init_wandb(args)
 
     if args.evaluate:

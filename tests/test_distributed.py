@@ -39,3 +39,29 @@ def test_two_processes_equal_one_big_batch(case, tmp_path):
     for name, g in ref['grads'].items():
         err = (got['grads'][name] - g).norm() / g.norm().clamp_min(floor)
         assert err <= 1e-5, (name, float(err))
+
+
+MAIN_CASES = {   # main.py under torchrun: DDP settings, CPUSyncBatchNorm, accumulation, teacher
+    'cl2l_no_views_accum': ['--model', 'CL2L_TINYCNN_CL2L', '--separate-proj', '--num-augs', '0',
+                            '--update-freq', '2'],
+    'byolip_views': ['--model', 'CL2L_TINYCNN_BYOLIP', '--separate-proj', '--num-augs', '1',
+                     '--barlip-hidden-dim', '32', '--siamlip-hidden-dim', '32', '--siamlip-proj-dim', '16'],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', list(MAIN_CASES))
+def test_torchrun_main_trains(case, tmp_path):
+    import json
+    out = str(tmp_path / 'out')
+    _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+          '--master_port', str(29400 + os.getpid() % 100), os.path.join(os.path.dirname(HERE), 'main.py'),
+          '--shapes-num-train', '256', '--batch-size', '32', '--epochs', '1', '--print-freq', '1',
+          '--output-dir', out, *MAIN_CASES[case]], tmp_path)
+    with open(os.path.join(out, 'log_steps.txt')) as f:
+        steps = [json.loads(line) for line in f]
+    k = 2 if '--update-freq' in MAIN_CASES[case] else 1
+    assert [s['step'] for s in steps] == list(range(1, 256 // (64 * k) + 1))
+    assert all(torch.isfinite(torch.tensor(s['loss'])) for s in steps)
+    ckpt = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)
+    assert ckpt['step'] == len(steps)
