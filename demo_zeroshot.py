@@ -13,9 +13,9 @@ import os
 import torch
 
 import augment
-import datasets
 import eval_zeroshot
 import evalsets
+import towers
 import utils
 import zeroshot
 
@@ -117,7 +117,7 @@ def main(argv=None):
         images = [evalsets.pil_rgb(p) for p in paths]
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         parser.error(str(e))
-    tokenizer = datasets.Tokenizer(ckpt['args'].get('context_length', 77))
+    tokenizer = towers.tokenizer_for(ckpt['args'])     # CLIP BPE, or the --text-tower's own
     predictions = predict(model, args.head, images, classnames, prompts, tokenizer, image_size, args.topk)
     out = []
     for path, (p, idx) in zip(paths, predictions):

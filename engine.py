@@ -36,19 +36,20 @@ def to_device(batch, device):
 class TrainState:
     """Where training stands: global optimizer step, epoch, micro-batches done this epoch."""
 
-    def __init__(self, step=0, epoch=0, batch_in_epoch=0, skipped_steps=0):
+    def __init__(self, step=0, epoch=0, batch_in_epoch=0, skipped_steps=0, bad_in_a_row=0):
         self.step, self.epoch, self.batch_in_epoch = step, epoch, batch_in_epoch
-        self.skipped_steps = skipped_steps
+        self.skipped_steps, self.bad_in_a_row = skipped_steps, bad_in_a_row
         self.stop = False
 
     def as_dict(self):
         return {'step': self.step, 'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch,
-                'skipped_steps': self.skipped_steps}
+                'skipped_steps': self.skipped_steps, 'bad_in_a_row': self.bad_in_a_row}
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, args, device,
-                    on_step=None):
-    """Train from state.batch_in_epoch to the end of the epoch (or until state.stop)."""
+                    on_step=None, batch_transform=None):
+    """Train from state.batch_in_epoch to the end of the epoch (or until state.stop).
+    `batch_transform`: applied to each batch on the device (e.g. text token reduction)."""
     model.train()
     logger = utils.MetricLogger()
     k = args.update_freq
@@ -64,21 +65,28 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
         if i >= micro_total:
             break
         data_log.update(batch.pop('_data', None))
-        micro_batches.append(to_device(batch, device))
+        batch = to_device(batch, device)
+        micro_batches.append(batch_transform(batch) if batch_transform else batch)
         n_seen += samples_per_micro
         if (i + 1) % k:
             continue
         lr = lr_at(state.step)
         for group in optimizer.param_groups:
             group['lr'] = lr
+        norm_stats = _batchnorm_buffers(unwrap(model))
         terms = accumulate(model, loss_fn, micro_batches, scaler, device, args.precision)
         micro_batches = []
         if not _grads_finite(terms['loss'], optimizer):
+            with torch.no_grad():            # a skipped step leaves no trace, BatchNorm stats included
+                for buf, saved in norm_stats:
+                    buf.copy_(saved)
             state.skipped_steps += 1
+            state.bad_in_a_row += 1
             print(f"non-finite loss or gradient at step {state.step}: step skipped "
-                  f"({state.skipped_steps} so far)")
+                  f"({state.skipped_steps} so far, {state.bad_in_a_row} in a row)")
             optimizer.zero_grad(set_to_none=True)
         else:
+            state.bad_in_a_row = 0
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -202,6 +210,12 @@ def _frozen_batchnorm_stats(model):
         for m, (momentum, count) in zip(norms, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
+
+
+def _batchnorm_buffers(model):
+    """(buffer, copy) of every BatchNorm running statistic, to undo a skipped step."""
+    return [(b, b.detach().clone()) for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
 def _grads_finite(loss, optimizer):

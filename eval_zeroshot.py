@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-import datasets
 import evalsets
 import models
+import towers
 import utils
 import zeroshot
 
@@ -122,7 +122,7 @@ def load_for_clip_benchmark(model_name='z', pretrained='', cache_dir=None, devic
     if head not in zeroshot.model_heads(model):
         raise ValueError(f"head {head!r} not in {zeroshot.model_heads(model)}")
     return (ClipBenchmarkModel(model, head), evalsets.RGBTransform(image_size),
-            datasets.Tokenizer(ckpt['args'].get('context_length', 77)))
+            towers.tokenizer_for(ckpt['args']))
 
 
 def register_clip_benchmark():
@@ -232,7 +232,7 @@ def main(argv=None):
     args.output_dir = args.output_dir or os.path.join(here, 'zeroshot')
     cache_dir = os.path.expanduser(args.cache_dir or os.path.join(here, 'text_cache'))
     cache = zeroshot.TextCache(sha, None if args.no_cache else cache_dir)
-    tokenizer = datasets.Tokenizer(ckpt['args'].get('context_length', 77))
+    tokenizer = towers.tokenizer_for(ckpt['args'])     # CLIP BPE, or the --text-tower's own
     os.makedirs(args.output_dir, exist_ok=True)
     rows, by_resolution = [], {}
     for image_size in resolutions:

@@ -19,6 +19,8 @@ import datasets
 import engine
 import losses
 import models
+import text_reduction
+import towers
 import utils
 import zeroshot
 
@@ -47,12 +49,24 @@ def get_args_parser():
     g.add_argument('--transformer-width', type=int, default=None, help='text width (default 512)')
     g.add_argument('--transformer-heads', type=int, default=None, help='text heads (default 8)')
     g.add_argument('--context-length', type=int, default=77, help='text tokens incl. SOT/EOT (77)')
+    g.add_argument('--text-act', choices=['gelu', 'quick_gelu'], default=None,
+                   help='text MLP activation (default gelu; quick_gelu = OpenAI CLIP / clip-rocket / SLIP)')
     g.add_argument('--logit-scale-init', type=float, default=None,
                    help='initial temperature exp(logit scale) (default: 1/0.07; SIGLIP 10)')
     g.add_argument('--logit-bias-init', type=float, default=None,
                    help='initial logit bias of SIGLIP (default -10)')
+    g.add_argument('--patch-dropout', type=float, default=0.0,
+                   help='ViTs: fraction of patch tokens dropped at random in training (FLIP/CLIPA), 0-1')
+    g.add_argument('--text-reduction', choices=text_reduction.MODES, default='none',
+                   help='CLIPA text token reduction of training captions to --text-context tokens')
+    g.add_argument('--text-context', type=int, default=32,
+                   help='tokens kept by --text-reduction, SOT/EOT included (32)')
+    g.add_argument('--finetune', default='',
+                   help='start from the weights of this checkpoint (not its optimizer/step); ViT '
+                        'position embeddings resampled to --image-size')
     g.add_argument('--checkpoint-grad', action='store_true',
                    help='activation checkpointing in both towers: less memory, ~20%% slower')
+    towers.add_args(parser)     # --image-tower, --image-pretrained, --text-tower, --lock-image, ...
 
     g = parser.add_argument_group('CL2L base and methods (CLIP🚀, SiamLIP, BYOLIP, BarLIP, SwALIP)')
     g.add_argument('--num-augs', type=int, default=2,
@@ -165,6 +179,11 @@ def get_args_parser():
     g.add_argument('--resume', default='', help='checkpoint to resume from (default: output-dir/checkpoint.pt if present)')
     g.add_argument('--save-freq-steps', type=int, default=0,
                    help='also checkpoint every N optimizer steps (0: epoch ends only)')
+    g.add_argument('--keep-checkpoints', type=int, default=2,
+                   help='checkpoints kept (checkpoint.pt, checkpoint.1.pt, ...), each with its size and '
+                        'SHA-256 in checkpoint.pt.json; a corrupted newest one falls back to the previous (2)')
+    g.add_argument('--max-bad-steps', type=int, default=20,
+                   help='stop (with a checkpoint) after this many non-finite steps in a row (20; 0: never)')
     g.add_argument('--exit-after-steps', type=int, default=0,
                    help='checkpoint and stop after N optimizer steps in this run (time-boxed jobs, tests)')
     g.add_argument('--eval-freq', type=int, default=1, help='zero-shot validation every N epochs')
@@ -204,6 +223,7 @@ def resolve_args(args):
             setattr(args, key, value)
     datasets.resolve_data_args(args)
     args.base, args.backbone, args.method = models.parse_model_name(args.model)
+    towers.resolve_args(args)   # tower flags; --image-size from an --image-tower
     if args.image_size is None:
         args.image_size = models.BACKBONES.get(args.backbone).image_size
     resolve_method_args(args)
@@ -225,6 +245,13 @@ def resolve_args(args):
     if args.train_num_samples is not None and args.train_num_samples <= 0:
         raise ValueError(f"--train-num-samples must be > 0, got {args.train_num_samples}")
     zeroshot.check_names(args.zeroshot_datasets, data_root=args.eval_data_root)
+    if not 0 <= args.patch_dropout < 1:
+        raise ValueError(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
+    if args.text_reduction != 'none' and not 3 <= args.text_context <= args.context_length:
+        raise ValueError(f"--text-context must be in [3, --context-length {args.context_length}], "
+                         f"got {args.text_context}")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise ValueError(f"--finetune: no such file {args.finetune!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no such file {args.resume!r}")
 
@@ -276,10 +303,17 @@ def build_optimizer(model, args):
 
 def resume_checkpoint(args, model, optimizer, scaler):
     """Load the checkpoint to resume from, if any -> (TrainState, best_top1)."""
-    path = args.resume or os.path.join(args.output_dir, 'checkpoint.pt')
-    if not os.path.isfile(path):
-        return engine.TrainState(), None
-    ckpt = utils.load_checkpoint(path)
+    if args.resume:
+        path, ckpt = args.resume, utils.load_checkpoint(args.resume)
+    else:
+        latest = os.path.join(args.output_dir, 'checkpoint.pt')
+        candidates = utils.rotated_paths(latest, max(1, args.keep_checkpoints))
+        ckpt, path = utils.load_latest_good(latest, args.keep_checkpoints)
+        if ckpt is None and any(os.path.isfile(p) for p in candidates):
+            raise SystemExit(f"main.py: error: no readable checkpoint among {', '.join(candidates)}; "
+                             f"pass --resume FILE or another --output-dir")
+        if ckpt is None:
+            return engine.TrainState(), None
     if ckpt.get('model_name') != args.model:
         raise SystemExit(f"main.py: error: checkpoint {path} holds a {ckpt.get('model_name')} "
                          f"model, not {args.model}; pass --model {ckpt.get('model_name')} "
@@ -287,19 +321,37 @@ def resume_checkpoint(args, model, optimizer, scaler):
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
-    utils.set_rng_state(ckpt['rng'])
     state = engine.TrainState(**ckpt['state'])
+    per_rank = ckpt.get('rng_ranks') or []
+    if len(per_rank) == utils.get_world_size():
+        utils.set_rng_state(per_rank[utils.get_rank()])        # each process its own generators
+    elif utils.get_world_size() == 1:
+        utils.set_rng_state(ckpt['rng'])
+    else:       # another number of processes: distinct, reproducible streams per rank
+        print(f"note: the checkpoint has random states for {len(per_rank) or 1} process(es), not "
+              f"{utils.get_world_size()}: reseeding each process from --seed, rank and step")
+        utils.seed_everything(args.seed + utils.get_rank() + 7919 * state.step)
     print(f"resumed from {path}: epoch {state.epoch}, step {state.step}, "
           f"batch {state.batch_in_epoch} of the epoch")
     return state, ckpt.get('best_top1')
 
 
-def save_checkpoint(path, args, model, optimizer, scaler, state, best_top1):
+def save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep=1):
+    """Write a checkpoint (atomically, `keep` versions with checksums); a failed write
+    (disk full) stops the run with the earlier checkpoints intact."""
+    try:
+        _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep)
+    except utils.CheckpointWriteError as e:
+        raise SystemExit(f"main.py: error: {e}; free some space and rerun the same command to resume") from None
+
+
+def _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep):
     utils.save_on_master({
         'model': engine.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict(), 'epoch': state.epoch, 'step': state.step,
         'state': state.as_dict(), 'args': plain_args(args), 'model_name': args.model,
-        'rng': utils.rng_state(), 'best_top1': best_top1}, path)
+        'rng': utils.rng_state(), 'rng_ranks': utils.all_rng_states(), 'best_top1': best_top1},
+        path, keep)
 
 
 def plain_args(args):
@@ -330,6 +382,7 @@ def main(argv=None, args=None):
     print(f"git: {utils.git_sha()}")
     print(json.dumps(plain_args(args), sort_keys=True))
     if utils.is_main_process():
+        utils.remove_stale_temporaries(args.output_dir)   # from a run killed mid-write
         with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
             json.dump(plain_args(args), f, indent=2)
         with open(os.path.join(args.output_dir, 'command.txt'), 'a') as f:
@@ -337,11 +390,16 @@ def main(argv=None, args=None):
     utils.seed_everything(args.seed + utils.get_rank())
 
     model = models.create_model_from_flags(args.model, args).to(device)
+    if args.finetune:
+        loaded, skipped, missing = models.load_weights(model, utils.load_checkpoint(args.finetune)['model'])
+        print(f"fine-tuning from {args.finetune}: {len(loaded)} tensors loaded, {len(skipped)} "
+              f"skipped {skipped[:5]}, {len(missing)} left at init {missing[:5]}")
+    towers.prepare(model, args)     # --image-pretrained, then --lock-image / --lock-text
     if args.checkpoint_grad:
         model.set_grad_checkpointing(True)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     loss_fn = losses.build_loss(args.method, args)
-    tokenizer = datasets.Tokenizer(args.context_length)
+    tokenizer = towers.tokenizer_for(args)      # the --text-tower's own, else the CLIP BPE
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'amp')
     state, best_top1 = resume_checkpoint(args, model, optimizer, scaler)
@@ -375,49 +433,71 @@ def main(argv=None, args=None):
 
     ckpt_path = os.path.join(args.output_dir, 'checkpoint.pt')
     steps_at_start = state.step
+    stop = utils.StopSignals(device)            # SIGTERM / SIGUSR1: finish the step, checkpoint, exit
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1, args.keep_checkpoints)
 
     def on_step(terms):
         if args.save_freq_steps and state.step % args.save_freq_steps == 0:
-            save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
+            checkpoint()
+        if stop.requested():
+            checkpoint()
+            print(f"received {stop.name}: checkpoint saved at step {state.step}; "
+                  f"rerun the same command to resume")
+            state.stop = True
+        if args.max_bad_steps and state.bad_in_a_row >= args.max_bad_steps:
+            checkpoint()                         # skipped steps change nothing: the last good state
+            raise SystemExit(f"main.py: error: {state.bad_in_a_row} steps in a row had a non-finite "
+                             f"loss or gradient (--max-bad-steps {args.max_bad_steps}); the last good "
+                             f"state is saved in {ckpt_path}; lower --lr or check the data, then rerun")
         if state.step % args.print_freq == 0:
             utils.append_json(os.path.join(args.output_dir, 'log_steps.txt'),
                               {'step': state.step, 'epoch': state.epoch,
                                **{k: float(v.detach()) for k, v in terms.items()}})
         if args.exit_after_steps and state.step - steps_at_start >= args.exit_after_steps:
-            save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
+            checkpoint()
             print(f"stopping after {args.exit_after_steps} steps as asked (--exit-after-steps); "
                   f"rerun the same command to resume")
             state.stop = True
 
+    reducer = None
+    if args.text_reduction != 'none':
+        reducer = text_reduction.TextReducer(args.text_reduction, args.text_context, tokenizer).apply
     results = {}
     print(f"training {args.epochs} epochs x {args.steps_per_epoch} steps, "
           f"{utils.get_world_size()} process(es), batch {args.batch_size} x {args.update_freq}")
     t_train = time.time()
-    while state.epoch < args.epochs and not state.stop:
-        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * args.batch_size)
-        if hasattr(dataset, 'set_epoch'):
-            dataset.set_epoch(state.epoch)
-        stats = engine.train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state,
-                                       args, device, on_step)
-        if state.stop:
-            break
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        log = {'epoch': state.epoch, 'step': state.step, 'train_time_s': time.time() - t_train,
-               **{f'train_{k}': v for k, v in stats.items()}}
-        if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
-            results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
-                                        device, args.image_size, data_root=args.eval_data_root)
-            log.update({f'{n}_{k}': v for n, r in results.items() for k, v in r.items()})
-            top1 = results[args.zeroshot_datasets[0]]['top1']
-            print(f"epoch {state.epoch}: zero-shot top-1 {top1:.1f}% ({args.zeroshot_datasets[0]})")
-            if best_top1 is None or top1 > best_top1:
-                best_top1 = top1
-                save_checkpoint(os.path.join(args.output_dir, 'checkpoint_best.pt'), args, model,
-                                optimizer, scaler, state, best_top1)
-        save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1)
-        utils.append_json(os.path.join(args.output_dir, 'log.txt'), log)
-        if wandb_run is not None:
-            wandb_run.log(log, step=state.step)
+    try:
+        while state.epoch < args.epochs and not state.stop:
+            sampler.set_epoch(state.epoch, start=state.batch_in_epoch * args.batch_size)
+            if hasattr(dataset, 'set_epoch'):
+                dataset.set_epoch(state.epoch)
+            stats = engine.train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state,
+                                           args, device, on_step, reducer)
+            if state.stop:
+                break
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            log = {'epoch': state.epoch, 'step': state.step, 'train_time_s': time.time() - t_train,
+                   **{f'train_{k}': v for k, v in stats.items()}}
+            if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
+                results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
+                                            device, args.image_size, data_root=args.eval_data_root)
+                log.update({f'{n}_{k}': v for n, r in results.items() for k, v in r.items()})
+                top1 = results[args.zeroshot_datasets[0]]['top1']
+                print(f"epoch {state.epoch}: zero-shot top-1 {top1:.1f}% ({args.zeroshot_datasets[0]})")
+                if best_top1 is None or top1 > best_top1:
+                    best_top1 = top1
+                    save_checkpoint(os.path.join(args.output_dir, 'checkpoint_best.pt'), args, model,
+                                    optimizer, scaler, state, best_top1)
+            checkpoint()
+            utils.append_json(os.path.join(args.output_dir, 'log.txt'), log)
+            if wandb_run is not None:
+                wandb_run.log(log, step=state.step)
+    finally:
+        stop.restore()
+    if stop.signum is not None:
+        raise SystemExit(128 + stop.signum)     # stopped by a signal, checkpoint saved
     if state.stop:
         return None
     if not results:  # resumed a finished run, or eval-freq skipped the last epoch

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+import towers
 from heads import BarLIPHead, HeadCfg, SiamLIPHead, mlp, projector
 from utils import Registry
 
@@ -144,13 +145,24 @@ def create_model(name, **overrides):
 
     Accepted overrides: embed_dim, proj_type, image_size, the text keys (transformer_width,
     transformer_heads, transformer_layers, context_length, text_act), every HeadCfg field,
-    logit_scale_init (initial exp(logit scale)) and logit_bias_init (SigLIP).
+    logit_scale_init (initial exp(logit scale)), logit_bias_init (SigLIP), patch_dropout (ViTs),
+    image_tower (a timm name replacing the backbone's), text_tower + text_pooling (a Hugging Face
+    encoder replacing the text transformer; see towers.py).
     """
     base, backbone, method = parse_model_name(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = BACKBONES.get(backbone)
+    if 'image_tower' in overrides:      # any timm model replaces the backbone (towers.py)
+        cfg = replace(cfg, **towers.timm_backbone_fields(overrides.pop('image_tower')))
     text_cfg = replace(cfg.text, **{_TEXT_KEYS[k]: overrides.pop(k)
                                     for k in list(overrides) if k in _TEXT_KEYS})
+    text_tower = None
+    if 'text_tower' in overrides:       # a Hugging Face encoder replaces the text transformer
+        text_tower = towers.HFTextTower(overrides.pop('text_tower'), overrides.pop('text_pooling', 'mean'),
+                                        text_cfg.context_length)
+        text_cfg = replace(text_cfg, width=text_tower.width, vocab_size=text_tower.vocab_size)
+    elif 'text_pooling' in overrides:
+        raise ValueError("text_pooling goes with text_tower (the built-in text tower pools its EOT token)")
     head_cfg = replace(HeadCfg(**cfg.heads), **{k: overrides.pop(k)
                                                 for k in list(overrides) if k in _HEAD_KEYS})
     method_cfg = METHODS.get(method)
@@ -162,11 +174,13 @@ def create_model(name, **overrides):
         backbone=cfg, text_cfg=text_cfg, head_cfg=head_cfg, method_cfg=method_cfg,
         embed_dim=overrides.pop('embed_dim', cfg.embed_dim),
         proj_type=overrides.pop('proj_type', cfg.proj_type),
-        image_size=overrides.pop('image_size', cfg.image_size))
+        image_size=overrides.pop('image_size', cfg.image_size),
+        patch_dropout=overrides.pop('patch_dropout', 0.0), text_tower=text_tower)
     if overrides:
         raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
                          f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}, "
-                         f"logit_scale_init, logit_bias_init")
+                         f"logit_scale_init, logit_bias_init, patch_dropout, image_tower, "
+                         f"text_tower, text_pooling")
     model.model_name = name
     return model
 
@@ -174,7 +188,8 @@ def create_model(name, **overrides):
 def create_model_from_flags(name, flags):
     """Build from main.py's flags (a dict or Namespace, e.g. a checkpoint's `args`)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
-    keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init']
+    keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init',
+            'patch_dropout', 'image_tower', 'text_tower', 'text_pooling']
     return create_model(name, proj_type=flags.get('clip_proj_type'),
                         **{k: flags.get(k) for k in keys})
 
@@ -216,12 +231,19 @@ class TinyCNN(nn.Module):
         return x.mean(dim=(2, 3))                                         # [B, C]
 
 
-def build_image_tower(cfg: BackboneCfg, image_size: int):
+def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 0.0):
+    """The image tower; `patch_dropout` (ViTs only): fraction of patch tokens dropped at random
+    in training (FLIP / CLIPA image token reduction, timm's PatchDropout)."""
+    if patch_dropout and not cfg.takes_img_size:
+        raise ValueError(f"--patch-dropout drops ViT patch tokens; {cfg.timm_name or 'this backbone'} "
+                         f"is not a ViT (use a VIT* backbone)")
     if cfg.builder is not None:
         return cfg.builder(image_size)
     kwargs = dict(cfg.timm_kwargs)
     if cfg.takes_img_size:
         kwargs['img_size'] = image_size
+    if patch_dropout:
+        kwargs['patch_drop_rate'] = patch_dropout
     tower = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **kwargs)
     if cfg.no_stem_pool:
         tower.maxpool = nn.Identity()
@@ -310,24 +332,27 @@ class CLIP(nn.Module):
 
     def __init__(self, backbone: BackboneCfg, text_cfg: TextCfg, embed_dim: int,
                  head_cfg: HeadCfg = HeadCfg(), method_cfg: Optional[MethodCfg] = None,
-                 proj_type: str = 'linear', image_size: int = 224):
+                 proj_type: str = 'linear', image_size: int = 224, patch_dropout: float = 0.0,
+                 text_tower: Optional[nn.Module] = None):
         super().__init__()
         if proj_type not in ('linear', 'mlp'):
             raise ValueError(f"unknown projection type {proj_type!r}; valid: linear, mlp")
         method_cfg = method_cfg or METHODS.get('CLIP')
         self.backbone_cfg, self.text_cfg, self.head_cfg = backbone, text_cfg, head_cfg
         self.embed_dim, self.image_size = embed_dim, image_size
-        self.visual = build_image_tower(backbone, image_size)
+        self.visual = build_image_tower(backbone, image_size, patch_dropout)
         self.vision_width = vision_width = self.visual.num_features
         self.image_projection = (nn.Linear(vision_width, embed_dim, bias=False)
                                  if proj_type == 'linear' else
                                  mlp(vision_width, vision_width, embed_dim, layers=2))
-        self.token_embedding = nn.Embedding(text_cfg.vocab_size, text_cfg.width)
-        self.positional_embedding = nn.Parameter(
-            torch.empty(text_cfg.context_length, text_cfg.width))
-        self.transformer = Transformer(text_cfg, head_cfg.text_dropout_prob,
-                                       head_cfg.text_drop_path_prob)
-        self.ln_final = nn.LayerNorm(text_cfg.width)
+        self.text_tower = text_tower    # towers.HFTextTower (--text-tower), else the built-in one
+        if text_tower is None:
+            self.token_embedding = nn.Embedding(text_cfg.vocab_size, text_cfg.width)
+            self.positional_embedding = nn.Parameter(
+                torch.empty(text_cfg.context_length, text_cfg.width))
+            self.transformer = Transformer(text_cfg, head_cfg.text_dropout_prob,
+                                           head_cfg.text_drop_path_prob)
+            self.ln_final = nn.LayerNorm(text_cfg.width)
         self.text_projection = nn.Parameter(torch.empty(text_cfg.width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.logit_scale_init)))
         if method_cfg.logit_bias_init is not None:
@@ -338,15 +363,16 @@ class CLIP(nn.Module):
 
     def _init_text(self):
         cfg = self.text_cfg
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std = cfg.width ** -0.5 * (2 * cfg.layers) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=cfg.width ** -0.5)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * cfg.width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if self.text_tower is None:     # a Hugging Face tower keeps its own (pretrained) init
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
+            proj_std = cfg.width ** -0.5 * (2 * cfg.layers) ** -0.5
+            for block in self.transformer.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=cfg.width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * cfg.width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
         if isinstance(self.image_projection, nn.Linear):
             nn.init.normal_(self.image_projection.weight, std=self.visual.num_features ** -0.5)
@@ -358,6 +384,8 @@ class CLIP(nn.Module):
         return self.visual(image)                                       # [B, vision_width]
 
     def text_features(self, text, local=False):
+        if self.text_tower is not None:
+            return self.text_tower(text)                                # [B, width]
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
@@ -405,12 +433,24 @@ class CLIP(nn.Module):
 
     def set_grad_checkpointing(self, enable=True):
         self.visual.set_grad_checkpointing(enable)
-        self.transformer.grad_checkpointing = enable
+        if self.text_tower is not None:
+            self.text_tower.set_grad_checkpointing(enable)
+        else:
+            self.transformer.grad_checkpointing = enable
+
+    def train(self, mode=True):
+        """Modules named in `frozen_modules` (locked BatchNorm, towers.lock_image) stay in eval mode."""
+        super().train(mode)
+        for name in getattr(self, 'frozen_modules', ()):
+            self.get_submodule(name).eval()
+        return self
 
     def no_weight_decay(self):
         """Names of matrices that are embeddings (no weight decay), besides 1-d params."""
         names = {'token_embedding.weight', 'positional_embedding', 'logit_scale'}
         names |= {f'visual.{n}' for n in getattr(self.visual, 'no_weight_decay', set)()}
+        if self.text_tower is not None:
+            names |= {f'text_tower.{n}' for n in self.text_tower.no_weight_decay()}
         return names
 
 
@@ -503,6 +543,33 @@ class CL2L(CLIP):
 
 
 BASES.register('CL2L', CL2L)
+
+
+def load_weights(model, state):
+    """Load a state dict for fine-tuning (CLIPA: pre-train at low resolution, fine-tune at full):
+    ViT position embeddings are resampled to the model's patch grid; tensors whose shape still
+    differs and keys the model lacks are reported, not loaded. -> (loaded, skipped, missing)."""
+    from timm.layers import resample_abs_pos_embed
+    own = model.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        if key not in own:
+            skipped.append(key)
+            continue
+        if key.endswith('visual.pos_embed') and value.shape != own[key].shape:
+            visual = model.get_submodule(key[:-len('.pos_embed')])
+            prefix = 0 if getattr(visual, 'no_embed_class', False) else visual.num_prefix_tokens
+            value = resample_abs_pos_embed(value, new_size=visual.patch_embed.grid_size,
+                                           num_prefix_tokens=prefix, verbose=False)
+        if value.shape != own[key].shape:
+            skipped.append(key)
+            continue
+        loaded[key] = value
+    if not loaded:
+        raise ValueError("no tensor of the checkpoint fits this model (another architecture?)")
+    missing = sorted(set(own) - set(loaded))
+    model.load_state_dict(loaded, strict=False)
+    return sorted(loaded), skipped, missing
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -3,6 +3,7 @@ atomic checkpoint save and safe load, small logging helpers."""
 import argparse
 import builtins
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -121,6 +122,15 @@ def rng_state():
             'python': _tuples_to_lists(random.getstate())}
 
 
+def all_rng_states():
+    """Every process's rng_state(), in rank order (a collective when distributed)."""
+    if get_world_size() == 1:
+        return [rng_state()]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
@@ -154,9 +164,102 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
-def save_on_master(obj, path):
+def save_on_master(obj, path, keep=1):
     if is_main_process():
-        save_atomic(obj, path)
+        save_rotating(obj, path, keep)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the previous ones are intact."""
+
+
+def rotated_paths(path, keep):
+    """checkpoint.pt, checkpoint.1.pt, ... : the newest first, `keep` of them."""
+    stem, ext = os.path.splitext(path)
+    return [path] + [f'{stem}.{i}{ext}' for i in range(1, keep)]
+
+
+def save_rotating(obj, path, keep=1):
+    """Write `obj` atomically as `path`, the previous `keep - 1` versions shifted to
+    path.1, path.2 ...; record each file's size and SHA-256 in `path.json` so that a
+    truncated or corrupted file is recognised at resume. A failed write (e.g. ENOSPC)
+    leaves every earlier checkpoint as it was and raises CheckpointWriteError."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = file_digest(tmp)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                                   f"the previous checkpoint is intact") from None
+    paths = rotated_paths(path, max(1, keep))
+    manifest = read_manifest(path)
+    for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):   # shift: .1 -> .2, path -> .1
+        if os.path.exists(newer):
+            os.replace(newer, older)
+            if os.path.basename(newer) in manifest:
+                manifest[os.path.basename(older)] = manifest.pop(os.path.basename(newer))
+    os.replace(tmp, path)
+    manifest[os.path.basename(path)] = digest
+    keep_names = {os.path.basename(p) for p in paths}
+    write_json_atomic({k: v for k, v in manifest.items() if k in keep_names}, f'{path}.json')
+
+
+def remove_stale_temporaries(folder):
+    """Delete `*.tmp.<pid>` files left by a process killed inside an atomic write."""
+    for name in os.listdir(folder):
+        if '.tmp.' in name and name.rsplit('.tmp.', 1)[1].isdigit():
+            os.remove(os.path.join(folder, name))
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return {'size': os.path.getsize(path), 'sha256': h.hexdigest()}
+
+
+def read_manifest(path):
+    try:
+        with open(f'{path}.json') as f:
+            manifest = json.load(f)
+        return manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json_atomic(obj, path):
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_latest_good(path, keep):
+    """The newest of path, path.1, ... whose size and SHA-256 match the record (or, without a
+    record, that loads) -> (checkpoint dict, file) or (None, None) if none exists. A bad
+    newer file is reported with a warning and skipped."""
+    manifest = read_manifest(path)
+    for candidate in rotated_paths(path, max(1, keep)):
+        if not os.path.isfile(candidate):
+            continue
+        record = manifest.get(os.path.basename(candidate))
+        if record is not None and file_digest(candidate) != record:
+            print(f"warning: checkpoint {candidate} is corrupted or truncated (size/SHA-256 differ "
+                  f"from {path}.json); trying the previous one")
+            continue
+        try:
+            return load_checkpoint(candidate), candidate
+        except ValueError as e:
+            print(f"warning: {e}; trying the previous one")
+    return None, None
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -168,6 +271,48 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as e:  # unpickling refused, truncated file, not a checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load checkpoint {path} safely: {first}") from None
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask the run to stop after the
+    current step. `requested()` is collective: every process stops at the same step if any
+    process got the signal. `restore()` puts the previous handlers back."""
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self, device):
+        import signal
+        import threading
+        self.device, self.signum, self.previous = device, None, {}
+        if threading.current_thread() is not threading.main_thread():
+            return                                    # handlers only in the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    @property
+    def name(self):
+        import signal
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def requested(self):
+        flag = self.signum is not None
+        if get_world_size() > 1:
+            t = torch.tensor([self.signum or 0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if int(t) and self.signum is None:
+                self.signum = int(t)
+            flag = bool(int(t))
+        return flag
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # ----------------------------------------------------------------------------- CLI, logs

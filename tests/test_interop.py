@@ -1,0 +1,330 @@
+"""Checkpoint interop (interop.py): OpenCLIP/OpenAI weights load into our models with the same
+encode_image / encode_text outputs, ours export to OpenCLIP (open_clip.create_model loads them),
+clip-rocket / SLIP checkpoints round-trip exactly, and mismatches fail saying why."""
+import argparse
+import json
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+
+import eval_zeroshot
+import interop
+import models
+import utils
+
+TOL = 1e-5
+# OpenCLIP configs with random weights, small enough for a CPU test
+TINY_OC = {'embed_dim': 64,          # = CLIP_TINYVIT_CLIP: no ln_pre, LayerNorm eps 1e-6, patch 8, 64 wide
+           'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 64, 'head_width': 32, 'patch_size': 8,
+                          'no_ln_pre': True, 'norm_kwargs': {'eps': 1e-6}},
+           'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 64, 'heads': 2, 'layers': 2}}
+TINY_OAI = {'embed_dim': 64, 'quick_gelu': True,    # OpenAI layout: ln_pre, eps 1e-5, QuickGELU, 64-wide heads
+            'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 128, 'head_width': 64, 'patch_size': 8},
+            'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 128, 'heads': 2, 'layers': 2}}
+# our side of TINY_OAI: timm's CLIP ViT (pre-norm, eps 1e-5, QuickGELU) at the same tiny size
+TINY_OAI_TOWER = models.BackboneCfg('vit_base_patch32_clip_quickgelu_224', takes_img_size=True, image_size=32,
+                                    timm_kwargs={'patch_size': 8, 'embed_dim': 128, 'depth': 2, 'num_heads': 2})
+
+
+def _randomize(module, seed=0):
+    """Every float tensor (weights, biases, norms, running stats) random, so nothing maps by luck."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith('running_var')
+                        else torch.randn(t.shape, generator=g) * 0.05 + (1.0 if name.endswith('logit_scale') else 0.0))
+            elif name.endswith('num_batches_tracked'):
+                t.fill_(7)
+    return module
+
+
+def _inputs(tokenizer, size, n=3):
+    torch.manual_seed(1)
+    return torch.randn(n, 3, size, size), tokenizer(['a photo of a cat', 'a diagram of a red square', 'x'][:n])
+
+
+def _same_outputs(openclip_model, ours, tokenizer, size):
+    image, text = _inputs(tokenizer, size)
+    with torch.no_grad():
+        di = (openclip_model.encode_image(image, normalize=True) - ours.encode_image(image)).abs().max()
+        dt = (openclip_model.encode_text(text, normalize=True) - ours.encode_text(text)).abs().max()
+        ds = (openclip_model.logit_scale - ours.logit_scale).abs()
+    assert di <= TOL and dt <= TOL and ds == 0, (float(di), float(dt), float(ds))
+
+
+def _register(tmp_path, name, cfg):
+    path = tmp_path / f'{name}.json'
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(path))
+    return str(path)
+
+
+def test_openclip_checkpoint_imports_via_cli(tmp_path, tokenizer):
+    """OpenCLIP state dict + its model config -> our checkpoint; eval_zeroshot and --finetune load it."""
+    _register(tmp_path, 'tiny-oc-interop', TINY_OC)
+    oc = _randomize(open_clip.create_model('tiny-oc-interop')).eval()
+    torch.save({'epoch': 3, 'state_dict': {'module.' + k: v for k, v in oc.state_dict().items()}},
+               tmp_path / 'epoch_3.pt')                                 # as OpenCLIP's training saves it
+    out = tmp_path / 'ours.pt'
+    interop.main(['import', '--from', 'openclip', '--checkpoint', str(tmp_path / 'epoch_3.pt'),
+                  '--openclip-model', 'tiny-oc-interop', '--model', 'CLIP_TINYVIT_CLIP', '--out', str(out)])
+    ckpt = utils.load_checkpoint(str(out))                              # weights_only
+    assert ckpt['model_name'] == 'CLIP_TINYVIT_CLIP' and 'image_tower' not in ckpt['args']
+    ours = eval_zeroshot.load_model(ckpt, ckpt['args']['image_size'])
+    _same_outputs(oc, ours, tokenizer, 32)
+    fresh = models.create_model_from_flags('CLIP_TINYVIT_CLIP', ckpt['args'])     # main.py --finetune
+    loaded, skipped, missing = models.load_weights(fresh, ckpt['model'])
+    assert not skipped and not missing
+
+
+def test_export_loads_in_open_clip(tmp_path, tokenizer):
+    """Ours -> OpenCLIP: create_model(name, pretrained=PATH) and local-dir: give our outputs; the
+    timm patch-embedding bias (OpenCLIP's conv1 has none) is folded into the position embedding."""
+    ours = _randomize(models.create_model('CLIP_TINYVIT_CLIP')).eval()
+    assert ours.visual.patch_embed.proj.bias.abs().sum() > 0
+    interop.save_ours(str(tmp_path / 'ckpt.pt'), ours, 'CLIP_TINYVIT_CLIP', {}, {'from': 'test'})
+    out = tmp_path / 'exported'
+    interop.main(['export', '--checkpoint', str(tmp_path / 'ckpt.pt'), '--out', str(out),
+                  '--name', 'tiny-ours-interop'])
+    open_clip.add_model_config(str(out / 'tiny-ours-interop.json'))
+    oc = open_clip.create_model('tiny-ours-interop', pretrained=str(out / 'open_clip_pytorch_model.bin')).eval()
+    _same_outputs(oc, ours, tokenizer, 32)
+    oc_dir = open_clip.create_model('local-dir:' + str(out)).eval()      # CLIP_benchmark: --model local-dir:DIR
+    _same_outputs(oc_dir, ours, tokenizer, 32)
+    back, _, _, _ = interop.import_checkpoint('openclip', str(out), 'CLIP_TINYVIT_CLIP')   # and back in
+    _same_outputs(oc, back, tokenizer, 32)
+
+
+def test_openai_layout_both_directions(tokenizer):
+    """ln_pre + LayerNorm eps 1e-5 + QuickGELU in both towers (OpenAI's and OpenCLIP's native ViT)
+    map key by key onto timm's CLIP ViT; the config inferred from an OpenAI state dict is right."""
+    oc = _randomize(open_clip.CLIP(**TINY_OAI)).eval()
+    assert interop.openai_config(oc.state_dict()) == TINY_OAI
+    ours = models.CLIP(TINY_OAI_TOWER, models.TextCfg(width=128, heads=2, layers=2, act='quick_gelu'), 64,
+                       image_size=32).eval()
+    interop.load_openclip(ours, oc.state_dict(), TINY_OAI)
+    _same_outputs(oc, ours, tokenizer, 32)
+    cfg, state, _ = interop.to_openclip(ours)
+    assert cfg['quick_gelu'] and 'no_ln_pre' not in cfg['vision_cfg'] and 'norm_kwargs' not in cfg['vision_cfg']
+    back = open_clip.CLIP(**cfg).eval()
+    back.load_state_dict(state)                                         # strict: every key, every shape
+    _same_outputs(back, ours, tokenizer, 32)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
+def test_torchscript_archive_is_read_without_running_it(tmp_path, tokenizer, monkeypatch):
+    """OpenAI ships TorchScript archives: their tensors are read by a restricted unpickler,
+    torch.jit.load (which compiles the archive's code) is never called."""
+    oc = _randomize(open_clip.CLIP(**TINY_OAI)).eval()
+    torch.jit.script(oc).save(str(tmp_path / 'ViT-tiny.pt'))
+    monkeypatch.setattr(torch.jit, 'load', lambda *a, **k: pytest.fail('torch.jit.load called'))
+    state, _ = interop.read_checkpoint(str(tmp_path / 'ViT-tiny.pt'))
+    ref = oc.state_dict()
+    assert set(state) - set(ref) == {'attn_mask'}                       # a plain tensor attribute, ignored
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
+    ours = models.CLIP(TINY_OAI_TOWER, models.TextCfg(width=128, heads=2, layers=2, act='quick_gelu'), 64,
+                       image_size=32).eval()
+    interop.load_openclip(ours, state, interop.openai_config(state))
+    _same_outputs(oc, ours, tokenizer, 32)
+
+
+def test_torchscript_archive_with_code_in_its_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return os.system, ('touch ' + str(tmp_path / 'pwned'),)
+    path = tmp_path / 'evil.pt'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('evil/data.pkl', pickle.dumps(Evil(), protocol=2))
+        z.writestr('evil/code/__torch__/m.py', 'x = 1\n')
+    with pytest.raises(ValueError, match='refusing to load posix.system'):
+        interop.read_checkpoint(str(path))
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_timm_adapter_route_both_directions(tmp_path, tokenizer):
+    """Non-ViT timm towers go through OpenCLIP's TimmModel (timm_pool '', linear projection):
+    exact in both directions (resnet10t stands in for R50, which takes the same route)."""
+    flags = {'image_tower': 'resnet10t', 'clip_proj_type': 'linear', 'image_size': 64}
+    ours = _randomize(models.create_model('CLIP_TINYCNN_CLIP', **interop._create_kwargs(flags))).eval()
+    cfg, state, _ = interop.to_openclip(ours)
+    assert cfg['vision_cfg']['timm_model_name'] == 'resnet10t' and cfg['vision_cfg']['timm_pool'] == ''
+    interop.write_openclip(str(tmp_path / 'r10'), 'tiny-r10-interop', cfg, state, 64)
+    open_clip.add_model_config(str(tmp_path / 'r10' / 'tiny-r10-interop.json'))
+    weights = str(tmp_path / 'r10' / 'open_clip_pytorch_model.bin')
+    oc = open_clip.create_model('tiny-r10-interop', pretrained=weights).eval()
+    _same_outputs(oc, ours, tokenizer, 64)
+    back, _, flags_back, _ = interop.import_checkpoint('openclip', str(tmp_path / 'r10'), 'CLIP_TINYCNN_CLIP')
+    assert flags_back['image_tower'] == 'resnet10t'
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.slow          # ~30 s of CPU: two ViT-B/32 image towers
+def test_openai_vitb32_builds_the_matching_timm_tower(tmp_path, tokenizer):
+    """A real ViT-B/32 (OpenAI layout, 64 px, 1 text layer): our VITB32 preset (timm
+    vit_base_patch32_224: no ln_pre, eps 1e-6, GELU) is not that function, so the import builds
+    timm's vit_base_patch32_clip_quickgelu_224 as image_tower; the checkpoint says so."""
+    cfg = json.loads(json.dumps(open_clip.get_model_config('ViT-B-32-quickgelu')))
+    cfg['vision_cfg']['image_size'], cfg['text_cfg']['layers'] = 64, 1
+    oc = _randomize(open_clip.CLIP(**cfg)).eval()
+    torch.save(oc.state_dict(), tmp_path / 'ViT-B-32.pt')
+    interop.main(['import', '--from', 'openai', '--checkpoint', str(tmp_path / 'ViT-B-32.pt'),
+                  '--model', 'CLIP_VITB32_CLIP', '--out', str(tmp_path / 'ours.pt')])
+    ckpt = utils.load_checkpoint(str(tmp_path / 'ours.pt'))
+    assert ckpt['args']['image_tower'] == 'vit_base_patch32_clip_quickgelu_224'
+    assert ckpt['args']['text_act'] == 'quick_gelu' and ckpt['args']['embed_dim'] == 512
+    ours = eval_zeroshot.load_model(ckpt, 64)
+    _same_outputs(oc, ours, tokenizer, 64)
+    cfg_out, _, _ = interop.to_openclip(ours)                           # exports back to OpenCLIP's own ViT
+    assert cfg_out['quick_gelu'] and cfg_out['vision_cfg'] == {**cfg['vision_cfg'], 'head_width': 64, 'mlp_ratio': 4.0}
+
+
+# ----------------------------------------------------------------------------- clip-rocket, SLIP
+
+ROCKET_CASES = {
+    'CLIP': ('CLIP_TINYVIT_CLIP', {}),
+    'CL2L-mlp-linear': ('CL2L_TINYVIT_CL2L', {'separate_proj': True, 'cl2l_txt_proj_type': 'linear'}),
+    'CL2L-shared-proj': ('CL2L_TINYVIT_CL2L', {}),
+    'BARLIP': ('CL2L_TINYVIT_BARLIP', {'separate_proj': True}),
+    'BARLIP-child': ('CL2L_TINYVIT_BARLIP', {'separate_proj': True, 'separate_proj_child': True}),
+    'SIAMLIP': ('CL2L_TINYVIT_SIAMLIP', {'separate_proj': True}),
+    'SIAMLIP-no-last-bn': ('CL2L_TINYVIT_SIAMLIP', {'siamlip_no_last_bn': True}),
+    'BYOLIP-child': ('CL2L_TINYVIT_BYOLIP', {'separate_proj': True, 'separate_proj_child': True}),
+    'SWALIP-cnn': ('CL2L_TINYCNN_SWALIP', {'separate_proj': True, 'proj_type': 'linear'}),
+}
+
+
+@pytest.mark.parametrize('case', list(ROCKET_CASES))
+def test_cliprocket_round_trip_is_exact(case, tmp_path):
+    """Ours -> a clip-rocket checkpoint (their key names, 'module.' prefixes, args as an
+    argparse.Namespace, momentum model apart) -> ours gives back every tensor bit for bit."""
+    name, kw = ROCKET_CASES[case]
+    ours = _randomize(models.create_model(name, text_act='quick_gelu', **kw))
+    up = interop.to_upstream(ours)
+    args = argparse.Namespace(model=name.replace('BYOLIP', 'SIAMLIP'), momentum=name.endswith('BYOLIP'),
+                              transformer_heads=ours.text_cfg.heads,      # upstream: always 8 (512 wide)
+                              **{k: v for k, v in kw.items() if k != 'proj_type'})
+    torch.save({**up, 'args': args, 'epoch': 25, 'best_acc1': 1.0}, tmp_path / 'checkpoint_best.pt')
+    back, back_name, flags, notes = interop.import_checkpoint('cliprocket', str(tmp_path / 'checkpoint_best.pt'))
+    assert back_name == name and flags['text_act'] == 'quick_gelu'
+    a, b = ours.state_dict(), back.state_dict()
+    assert set(a) == set(b) and not [k for k in a if not torch.equal(a[k], b[k])]
+    keys = set(up['state_dict'])
+    assert {'module.image_projector.weight', 'module.text_projector.weight', 'module.logit_scale',
+            'module.visual.cls_token' if 'VIT' in name else 'module.visual.features.0.weight',
+            'module.transformer.resblocks.0.attn.in_proj_weight'} <= keys
+    expect = {'CL2L-mlp-linear': ['l2l_image_projector.layer1.bias', 'l2l_image_projector.bn2.running_mean',
+                                  'l2l_text_projector.weight', 'l2l_logit_scale'],
+              'CL2L-shared-proj': ['l2l_image_projector.weight'],
+              'BARLIP': ['barlip_image_projector_global.6.bias', 'barlip_text_projector_local.7.running_var'],
+              'SIAMLIP': ['siamlip_image_projector_global.0.3.weight', 'siamlip_image_projector_local.1.running_mean',
+                          'image_text_predictor_local.3.bias'],
+              'SIAMLIP-no-last-bn': ['siamlip_text_projector_global.3.weight'],
+              'BYOLIP-child': ['text_image_predictor_local.0.weight']}.get(case, [])
+    assert {'module.' + k for k in expect} <= keys, sorted({'module.' + k for k in expect} - keys)
+    assert ('momentum_state_dict' in up) == name.endswith('BYOLIP')
+    assert any('final BatchNorm' in n for n in notes) == (case == 'SIAMLIP')
+
+
+def test_cliprocket_biases_before_batchnorm_fold_exactly():
+    """Upstream MLPs have a Linear bias before each BatchNorm, ours not: the bias moves into the
+    running mean; eval outputs equal (and in training the batch mean cancels it either way)."""
+    ours = _randomize(models.create_model('CL2L_TINYVIT_CL2L', separate_proj=True, text_act='quick_gelu'))
+    up = {k[len('module.'):]: v.clone() for k, v in interop.to_upstream(ours)['state_dict'].items()}
+    g = torch.Generator().manual_seed(3)
+    for layer in ('layer1', 'layer2'):
+        key = f'l2l_image_projector.{layer}.bias'
+        up[key] = torch.randn(up[key].shape, generator=g)
+    hid, dim, out = up['l2l_image_projector.layer1.weight'].shape[0], ours.vision_width, ours.embed_dim
+    ref = nn.Sequential(OrderedDict([                                   # upstream's _build_mlp, by its key names
+        ('layer1', nn.Linear(dim, hid)), ('bn1', nn.BatchNorm1d(hid)), ('relu1', nn.ReLU()),
+        ('layer2', nn.Linear(hid, hid)), ('bn2', nn.BatchNorm1d(hid)), ('relu2', nn.ReLU()),
+        ('layer3', nn.Linear(hid, out))]))
+    prefix = 'l2l_image_projector.'
+    ref.load_state_dict({k[len(prefix):]: v for k, v in up.items() if k.startswith(prefix)})
+    back = models.create_model('CL2L_TINYVIT_CL2L', separate_proj=True, text_act='quick_gelu')
+    interop.load_upstream(back, up)
+    x = torch.randn(8, dim)
+    with torch.no_grad():
+        assert (ref.eval()(x) - back.h_image_projection.eval()(x)).abs().max() < TOL
+        assert (ref.train()(x) - back.h_image_projection.train()(x)).abs().max() < TOL
+
+
+def test_slip_round_trip_and_names(tmp_path):
+    ours = _randomize(models.create_model('CLIP_TINYVIT_CLIP', text_act='quick_gelu'))
+    up = interop.to_upstream(ours, layout='slip')['state_dict']
+    assert up['module.image_projection'].shape == (ours.vision_width, ours.embed_dim)   # a Parameter, [W, E]
+    up['module.image_mlp.layer1.weight'] = torch.zeros(4, ours.vision_width)            # SLIP's SimCLR head
+    args = argparse.Namespace(model='SLIP_TINYVIT', transformer_heads=ours.text_cfg.heads)
+    torch.save({'state_dict': up, 'args': args}, tmp_path / 'slip.pt')
+    back, name, _, notes = interop.import_checkpoint('slip', str(tmp_path / 'slip.pt'))
+    assert name == 'CLIP_TINYVIT_CLIP' and any('image_mlp' in n for n in notes)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert interop._our_name('CLIP_VITS16', {}, 'slip') == 'CLIP_VITS16MOCO_CLIP'    # SLIP's ViT-S: 12 heads
+    with pytest.raises(ValueError, match='text tower'):
+        interop._our_name('SIMCLR_VITB16', {}, 'slip')
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+def test_modified_resnet_is_refused_but_its_text_tower_loads(tokenizer):
+    cfg = {'embed_dim': 32, 'vision_cfg': {'image_size': 64, 'layers': [1, 1, 1, 1], 'width': 16},
+           'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 128, 'heads': 4, 'layers': 2}}
+    oc = _randomize(open_clip.CLIP(**cfg)).eval()
+    with pytest.raises(ValueError, match='ModifiedResNet.*no exact mapping'):
+        interop.flags_for_openclip('CLIP_R50_CLIP', cfg)
+    assert interop.openai_config(oc.state_dict())['vision_cfg']['layers'] == [1, 1, 1, 1]
+    flags, _ = interop.flags_for_openclip('CLIP_TINYCNN_CLIP', cfg, text_only=True)
+    ours = models.create_model('CLIP_TINYCNN_CLIP', **interop._create_kwargs(flags)).eval()
+    notes = interop.load_openclip(ours, oc.state_dict(), cfg, text_only=True)
+    assert any('visual' in n for n in notes)
+    _, text = _inputs(tokenizer, 64)
+    with torch.no_grad():
+        assert (oc.encode_text(text, normalize=True) - ours.encode_text(text)).abs().max() <= TOL
+
+
+def test_mismatched_architectures_fail_saying_why():
+    oai = open_clip.CLIP(**TINY_OAI).state_dict()
+    tiny = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=64, transformer_width=128, transformer_heads=2,
+                               text_act='quick_gelu')
+    with pytest.raises(ValueError, match='image towers differ: .*ln_pre True'):
+        interop.load_openclip(tiny, oai, TINY_OAI)
+    with pytest.raises(ValueError, match='no timm ViT matches'):            # nothing in timm is this tiny CLIP ViT
+        interop.flags_for_openclip('CLIP_TINYVIT_CLIP', TINY_OAI)
+    gelu = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=64, transformer_width=128, transformer_heads=2)
+    with pytest.raises(ValueError, match='text towers differ: quick_gelu True'):
+        interop.load_openclip(gelu, oai, TINY_OAI)
+    with pytest.raises(ValueError, match='MLP image projection'):
+        interop.to_openclip(models.create_model('CLIP_TINYCNN_CLIP'))     # TINYCNN projects with an MLP
+    with pytest.raises(ValueError, match='not a timm model'):
+        interop.to_openclip(models.create_model('CLIP_TINYCNN_CLIP', proj_type='linear'))
+    siglip = {**TINY_OC, 'vision_cfg': {**TINY_OC['vision_cfg'], 'pool_type': 'avg'}}
+    with pytest.raises(ValueError, match="pool_type='avg'"):
+        interop.openclip_vit_spec(siglip)
+    ours = models.create_model('CLIP_TINYVIT_CLIP', text_act='quick_gelu')
+    state = {k[len('module.'):]: v for k, v in interop.to_upstream(ours)['state_dict'].items()}
+    state['image_projector.layer1.weight'] = torch.zeros(1)
+    with pytest.raises(ValueError, match='clip-proj-type mlp'):
+        interop.flags_for_upstream(state, {'model': 'CLIP_TINYVIT_CLIP'})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    class Code:                                                         # a pickle that would run code
+        def __reduce__(self):
+            return print, ('ran',)
+    torch.save({'state_dict': {'a': torch.zeros(1)}, 'x': Code()}, tmp_path / 'bad.pt')
+    with pytest.raises(SystemExit) as e:
+        interop.main(['import', '--from', 'cliprocket', '--checkpoint', str(tmp_path / 'bad.pt'),
+                      '--out', str(tmp_path / 'o.pt')])
+    assert 'cannot load' in str(e.value) and 'weights_only' in str(e.value) and '\n' not in str(e.value)
+    assert 'ran' not in capsys.readouterr().out
+    torch.save({'logit_scale': torch.zeros(())}, tmp_path / 'plain.pt')
+    with pytest.raises(SystemExit, match='needs --openclip-model'):
+        interop.main(['import', '--from', 'openclip', '--checkpoint', str(tmp_path / 'plain.pt'),
+                      '--model', 'CLIP_TINYVIT_CLIP', '--out', str(tmp_path / 'o.pt')])

@@ -1,0 +1,165 @@
+"""Reliability: rotated checkpoints with checksums, fallback from a corrupted newest one,
+disk full during a write, non-finite step budget, graceful stop on SIGTERM / SIGUSR1."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import losses
+import main as train
+import utils
+from test_main import TINY, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(out, *extra):
+    return train.main([*TINY, '--output-dir', str(out), *extra])
+
+
+def _weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt['model'], ckpt['optimizer']['state'], ckpt['step']
+
+
+def _assert_same(a, b):
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_rotation_keeps_n_files_with_checksums(tmp_path):
+    path = str(tmp_path / 'checkpoint.pt')
+    for i in range(3):
+        utils.save_rotating({'i': torch.tensor(i)}, path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.1.pt', 'checkpoint.pt', 'checkpoint.pt.json']
+    assert int(torch.load(path, weights_only=True)['i']) == 2
+    assert int(torch.load(tmp_path / 'checkpoint.1.pt', weights_only=True)['i']) == 1
+    manifest = json.loads((tmp_path / 'checkpoint.pt.json').read_text())
+    assert manifest['checkpoint.pt'] == utils.file_digest(path)
+    assert manifest['checkpoint.1.pt'] == utils.file_digest(str(tmp_path / 'checkpoint.1.pt'))
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip_byte', 'delete'])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, capsys):
+    path = str(tmp_path / 'checkpoint.pt')
+    for i in range(2):
+        utils.save_rotating({'i': torch.tensor(i), 'pad': torch.zeros(1000)}, path, keep=2)
+    if damage == 'truncate':
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif damage == 'flip_byte':
+        with open(path, 'r+b') as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        os.remove(path)
+    ckpt, used = utils.load_latest_good(path, keep=2)
+    assert used.endswith('checkpoint.1.pt') and int(ckpt['i']) == 0
+    if damage != 'delete':
+        assert 'corrupted or truncated' in capsys.readouterr().out
+
+
+def test_training_resumes_from_previous_checkpoint_when_newest_is_corrupt(tmp_path):
+    ref = tmp_path / 'ref'
+    _run(ref, '--epochs', '2')
+    out = tmp_path / 'out'
+    _run(out, '--epochs', '2')
+    os.truncate(out / 'checkpoint.pt', 100)                      # epoch 2's checkpoint is damaged
+    _run(out, '--epochs', '2')                                   # resumes from epoch 1, redoes 2
+    (a, a_opt, a_step), (b, b_opt, b_step) = _weights(ref / 'checkpoint.pt'), _weights(out / 'checkpoint.pt')
+    assert a_step == b_step == 16
+    _assert_same(a, b)
+    for k in a_opt:
+        _assert_same(a_opt[k], b_opt[k])
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    _run(out, '--epochs', '1')
+    before = utils.file_digest(str(out / 'checkpoint.pt'))
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(utils.torch, 'save', full_disk)
+    with pytest.raises(SystemExit, match='No space left on device.*previous checkpoint is intact'):
+        _run(out, '--epochs', '2')
+    assert utils.file_digest(str(out / 'checkpoint.pt')) == before
+    assert not [n for n in os.listdir(out) if '.tmp.' in n]     # no partial file left behind
+    monkeypatch.setattr(utils.torch, 'save', real_save)
+    assert _weights(out / 'checkpoint.pt')[2] == 8
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    build = losses.build_loss
+    calls = {'n': 0}
+
+    def poisoned(method, args):
+        loss_fn = build(method, args)
+
+        def forward(out_):
+            terms = loss_fn(out_)
+            calls['n'] += 1
+            if calls['n'] > 2:                                   # steps 3, 4, 5 ... give NaN
+                terms['loss'] = terms['loss'] * float('nan')
+            return terms
+        return forward
+    monkeypatch.setattr(train.losses, 'build_loss', poisoned)
+    with pytest.raises(SystemExit, match='3 steps in a row had a non-finite loss'):
+        _run(out, '--epochs', '1', '--max-bad-steps', '3', '--save-freq-steps', '2', '--keep-checkpoints', '3')
+    good = torch.load(out / 'checkpoint.2.pt', weights_only=True)   # saved at step 2 (.1: step 4)
+    last = torch.load(out / 'checkpoint.pt', weights_only=True)     # saved at the stop
+    assert good['step'] == 2 and last['step'] == 5 and last['state']['skipped_steps'] == 3
+    _assert_same(good['model'], last['model'])                   # skipped steps changed nothing
+    _assert_same(good['optimizer']['state'][0], last['optimizer']['state'][0])
+
+
+def _start(out, *extra):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline'}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *TINY, '--output-dir', str(out),
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(out, step, proc, timeout=300):
+    log = out / 'log_steps.txt'
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log.exists() and any(json.loads(line)['step'] >= step for line in log.read_text().splitlines()):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f'step {step} not reached')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGUSR1'])
+def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, sig):
+    flags = ['--epochs', '2']
+    out = tmp_path / 'out'
+    proc = _start(out, *flags)
+    _wait_for_step(out, 3, proc)
+    proc.send_signal(getattr(signal, sig))
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + getattr(signal, sig), text[-2000:]
+    assert f'received {sig}: checkpoint saved at step' in text
+    stopped = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert 3 <= stopped['step'] < 16
+    logged = [s['step'] for s in read_jsonl(out / 'log_steps.txt')]
+    assert logged[-1] == stopped['step']                        # no step lost, none half done
+    if sig == 'SIGTERM':      # the rest of the run: same result (same thread count as the first part)
+        ref = tmp_path / 'ref'
+        for run in (_start(out, *flags), _start(ref, *flags)):
+            assert run.wait(timeout=600) == 0, run.stdout.read()[-2000:]
+        (a, a_opt, _), (b, b_opt, _) = _weights(ref / 'checkpoint.pt'), _weights(out / 'checkpoint.pt')
+        _assert_same(a, b)
+        for k in a_opt:
+            _assert_same(a_opt[k], b_opt[k])
