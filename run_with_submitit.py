@@ -38,7 +38,7 @@ def get_args_parser():
     g.add_argument('--timeout', type=int, default=2800, help='job time limit in minutes (2800)')
     g.add_argument('--partition', default=None, help='Slurm partition (default: the cluster default)')
     g.add_argument('--constraint', default=None, help='Slurm --constraint, e.g. volta32gb')
-    g.add_argument('--use-volta32', action='store_true', help='upstream alias for --constraint volta32gb')
+    g.add_argument('--use-volta32', '--use_volta32', action='store_true', help='upstream alias for --constraint volta32gb')
     g.add_argument('--comment', default=None, help='Slurm job comment')
     g.add_argument('--exclude', default=None, help='nodes to exclude (Slurm node list)')
     g.add_argument('--job-dir', '--job_dir', default=None,

@@ -94,7 +94,13 @@ SMOKE_DEFAULT = {
     'yfcc15m-CL2L_VITS16MOCO_SWALIP',
     'cc3m-CLIP_R50_CLIP',
     'yfcc15m-CLIP_VITB16_CLIP',
+    'yfcc15m-CLIPA_VITB16_CLIP',       # CLIPA: low resolution, syntax text reduction
 }
+# recipes that start from another recipe's checkpoint (--finetune): parsed like every line, not
+# smoke-run here (their input is a real pre-training result); the pre-train -> fine-tune chain
+# itself runs in tests/test_clipa.py
+FINETUNE_RECIPES = {'yfcc15m-CLIPA_VITB16_CLIP_ft224'}
+CLIPA_RECIPES = {'yfcc15m-CLIPA_VITB16_CLIP', *FINETUNE_RECIPES}
 EVAL_RECIPE = 'yfcc15m-CL2L_R50_CL2L'
 SMOKE_SIZE = 32
 LOSS_TERM = {'CLIP': 'clip_loss', 'CL2L': 'clip_loss', 'BARLIP': 'barlip_loss',
@@ -257,6 +263,11 @@ def parsed(tmp_path_factory):
     """Every expanded job of the file: dict(command, job flags, sweep point, args or error)."""
     env = placeholder_env(tmp_path_factory.mktemp('placeholders'))
     jobs = []
+    for c in commands(env):                 # --finetune CKPT: the earlier job's checkpoint
+        for flag, value in zip(c['flags'], c['flags'][1:]):
+            if flag == '--finetune':
+                os.makedirs(os.path.dirname(value), exist_ok=True)
+                open(value, 'w').close()
     for c in commands(env):
         for flags, point in expand(c['flags']):
             parse = parse_training if c['script'] == 'run_with_submitit.py' else parse_eval
@@ -315,7 +326,9 @@ def test_covers_the_papers_recipes(parsed):
     for j in runs:                                           # the paper's scale, every line
         a = j['args']
         assert (a.nodes, a.ngpus, a.batch_size) == (4, 8, 128), j['name']
-        assert a.epochs in (25, 32) and a.precision in ('amp', 'fp32'), j['name']
+        finetune = bool(a.finetune)                          # CLIPA's short full-resolution stage
+        assert (a.epochs == 1 if finetune else a.epochs in (25, 32)), j['name']
+        assert a.precision in ('amp', 'fp32'), j['name']
         assert a.zeroshot_datasets == ['imagenet'], j['name']
         if a.base == 'CL2L':
             assert a.separate_proj and a.text_augment and a.num_augs == 2, j['name']
@@ -347,7 +360,7 @@ def test_non_contrastive_and_baseline_flags(parsed):
                 assert (a.wd, a.transformer_layers, a.text_dropout_prob, a.loss_avg_or_sum) == (0.5, 6, 0.2, 'avg'), name
             if a.dataset == 'cc12m':
                 assert (a.text_dropout_prob, a.loss_avg_or_sum) == (0.1, 'sum'), j['name']
-        if a.method == 'CLIP':                   # plain CLIP: the upstream defaults
+        if a.method == 'CLIP' and not a.finetune:   # plain CLIP: the upstream defaults
             assert (a.lr, a.wd, a.label_smoothing, a.loss_avg_or_sum) == (3e-3, 0.1, 0.0, 'avg'), j['name']
 
 
@@ -505,17 +518,21 @@ def _smoke_params():
     env = {v: f'/{v.lower()}' for v in VARIABLES}
     names = list(training_recipes(env))
     everything = os.environ.get('REPRO_SMOKE') == 'all'
-    return [pytest.param(n, marks=[pytest.mark.slow] + ([] if everything or n in SMOKE_DEFAULT else [
-        pytest.mark.skip(reason='its model and its data format run in the default smoke set; '
-                                'REPRO_SMOKE=all runs it')]))
-        for n in names]
+    def marks(n):
+        if n in FINETUNE_RECIPES:
+            return [pytest.mark.skip(reason='needs a pre-training checkpoint; the chain runs in test_clipa.py')]
+        if everything or n in SMOKE_DEFAULT:
+            return []
+        return [pytest.mark.skip(reason='its model and its data format run in the default smoke set; '
+                                        'REPRO_SMOKE=all runs it')]
+    return [pytest.param(n, marks=[pytest.mark.slow, *marks(n)]) for n in names]
 
 
 def test_smoke_default_set_is_current():
     names = set(training_recipes({v: f'/{v.lower()}' for v in VARIABLES}))
     assert SMOKE_DEFAULT <= names and EVAL_RECIPE in SMOKE_DEFAULT
-    assert len(names) == len(CL2L_TABLE) + len(NC_PAIRS) + len(BASELINES)
-    models = {n.split('-', 1)[1] for n in names}
+    assert len(names) == len(CL2L_TABLE) + len(NC_PAIRS) + len(BASELINES) + len(CLIPA_RECIPES)
+    models = {n.split('-', 1)[1] for n in names - FINETUNE_RECIPES}
     assert models == {n.split('-', 1)[1] for n in SMOKE_DEFAULT}, 'every model runs by default'
     assert {n.split('-')[0] for n in SMOKE_DEFAULT} == {'cc3m', 'cc12m', 'yfcc15m', 'merged'}
 
