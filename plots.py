@@ -8,10 +8,17 @@ import sys
 
 
 def read_jsonl(path):
+    """The records of a JSON-lines log; a line cut by a killed process is skipped."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def training_curves(output_dir):

@@ -181,32 +181,31 @@ def rotated_paths(path, keep):
 
 def save_rotating(obj, path, keep=1):
     """Write `obj` atomically as `path`, the previous `keep - 1` versions shifted to
-    path.1, path.2 ...; record each file's size and SHA-256 in `path.json` so that a
-    truncated or corrupted file is recognised at resume. A failed write (e.g. ENOSPC)
-    leaves every earlier checkpoint as it was and raises CheckpointWriteError."""
+    path.1, path.2 ...; `path.json` lists the size and SHA-256 of every good version, so a
+    truncated or corrupted file is recognised at resume. The record is written before the
+    renames, and lists contents (not names): a kill at any moment leaves every checkpoint file
+    either verifiable or absent. A failed write (e.g. ENOSPC) leaves every earlier checkpoint as
+    it was and raises CheckpointWriteError."""
     tmp = f'{path}.tmp.{os.getpid()}'
+    keep = max(1, keep)
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         digest = file_digest(tmp)
+        good = [d for d in read_manifest(path) if d != digest][-keep:] + [digest]
+        write_json_atomic({'good': good}, f'{path}.json')
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise CheckpointWriteError(f"could not write checkpoint {path}: {e.strerror or e}; "
                                    f"the previous checkpoint is intact") from None
-    paths = rotated_paths(path, max(1, keep))
-    manifest = read_manifest(path)
-    for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):   # shift: .1 -> .2, path -> .1
+    paths = rotated_paths(path, keep)
+    for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):   # .1 -> .2, path -> .1
         if os.path.exists(newer):
             os.replace(newer, older)
-            if os.path.basename(newer) in manifest:
-                manifest[os.path.basename(older)] = manifest.pop(os.path.basename(newer))
     os.replace(tmp, path)
-    manifest[os.path.basename(path)] = digest
-    keep_names = {os.path.basename(p) for p in paths}
-    write_json_atomic({k: v for k, v in manifest.items() if k in keep_names}, f'{path}.json')
 
 
 def remove_stale_temporaries(folder):
@@ -225,12 +224,13 @@ def file_digest(path):
 
 
 def read_manifest(path):
+    """The recorded digests of the good checkpoint versions of `path` (oldest first)."""
     try:
         with open(f'{path}.json') as f:
-            manifest = json.load(f)
-        return manifest if isinstance(manifest, dict) else {}
-    except (OSError, ValueError):
-        return {}
+            good = json.load(f).get('good', [])
+        return [d for d in good if isinstance(d, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def write_json_atomic(obj, path):
@@ -243,17 +243,16 @@ def write_json_atomic(obj, path):
 
 
 def load_latest_good(path, keep):
-    """The newest of path, path.1, ... whose size and SHA-256 match the record (or, without a
-    record, that loads) -> (checkpoint dict, file) or (None, None) if none exists. A bad
-    newer file is reported with a warning and skipped."""
-    manifest = read_manifest(path)
+    """The newest of path, path.1, ... whose size and SHA-256 are on record (or, with no record
+    at all, that loads) -> (checkpoint dict, file) or (None, None) if none exists. A bad newer
+    file is reported with a warning and skipped."""
+    good = read_manifest(path)
     for candidate in rotated_paths(path, max(1, keep)):
         if not os.path.isfile(candidate):
             continue
-        record = manifest.get(os.path.basename(candidate))
-        if record is not None and file_digest(candidate) != record:
-            print(f"warning: checkpoint {candidate} is corrupted or truncated (size/SHA-256 differ "
-                  f"from {path}.json); trying the previous one")
+        if good and file_digest(candidate) not in good:
+            print(f"warning: checkpoint {candidate} is corrupted or truncated (its size/SHA-256 "
+                  f"is not in {path}.json); trying the previous one")
             continue
         try:
             return load_checkpoint(candidate), candidate

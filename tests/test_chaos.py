@@ -16,10 +16,12 @@ import time
 import pytest
 import torch
 
+import utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ['--shapes-num-train', '384', '--batch-size', '32', '--epochs', '2', '--print-freq', '1',
+FLAGS = ['--shapes-num-train', '768', '--batch-size', '32', '--epochs', '2', '--print-freq', '1',
          '--save-freq-steps', '1', '--workers', '1', '--eval-freq', '2']
-STEPS = 2 * 384 // 32
+STEPS = 2 * 768 // 32                                   # 48 steps, a checkpoint after each
 KILLS = int(os.environ.get('CHAOS_KILLS', 20))
 
 
@@ -38,17 +40,32 @@ def _children(pid):
         return []
 
 
-def _last_step(out):
+def _logged_steps(out):
     try:
         with open(os.path.join(out, 'log_steps.txt')) as f:
-            return max(json.loads(line)['step'] for line in f if line.strip())
-    except (OSError, ValueError):
-        return 0
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)['step'])
+        except ValueError:                               # a line cut by the kill
+            steps.append(0)
+    return steps
+
+
+def _last_step(out, since=0):
+    """The last step logged (by the runs after the first `since` log lines)."""
+    return max(_logged_steps(out)[since:], default=0)
 
 
 def _checkpoint_step(out):
-    path = os.path.join(out, 'checkpoint.pt')
-    return torch.load(path, weights_only=True)['step'] if os.path.exists(path) else 0
+    """The step a restart resumes from (the newest verifiable checkpoint)."""
+    if not os.path.isdir(out):
+        return 0
+    ckpt, _ = utils.load_latest_good(os.path.join(out, 'checkpoint.pt'), keep=2)
+    return ckpt['step'] if ckpt else 0
 
 
 @pytest.mark.slow
@@ -59,9 +76,12 @@ def test_sigkill_anywhere_loses_nothing(tmp_path):
     out = tmp_path / 'chaos'
     kills = in_write = worker_kills = recomputed = 0
     while kills < KILLS:
-        resume_step = _checkpoint_step(out)
+        resume_step, logged = _checkpoint_step(out), len(_logged_steps(out))
         proc = _start(out)
-        time.sleep(rng.uniform(1.0, 12.0))
+        deadline = time.time() + 600                     # kill once training runs: after the
+        while _last_step(out, logged) <= resume_step and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)                             # first new step, at a random moment
+        time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is not None:                      # finished before the kill: start over
             assert proc.returncode == 0
             break
@@ -73,12 +93,15 @@ def test_sigkill_anywhere_loses_nothing(tmp_path):
                 proc.wait(timeout=120)                   # the main process fails: loader error
             except subprocess.TimeoutExpired:
                 pass
-        os.killpg(proc.pid, signal.SIGKILL)              # the whole job dies at once
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)          # the whole job dies at once
+        except ProcessLookupError:                       # already gone (loader error exit)
+            pass
         proc.wait()
         kills += 1
         leftovers = [n for n in os.listdir(out) if '.tmp.' in n] if out.exists() else []
         in_write += bool(leftovers)
-        recomputed += max(0, _last_step(out) - max(resume_step, _checkpoint_step(out)))
+        recomputed += max(0, _last_step(out, logged) - _checkpoint_step(out))   # done, not saved
     final = _start(out)
     assert final.wait(timeout=900) == 0
     a = torch.load(ref / 'checkpoint.pt', weights_only=True)

@@ -40,9 +40,18 @@ def test_rotation_keeps_n_files_with_checksums(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.1.pt', 'checkpoint.pt', 'checkpoint.pt.json']
     assert int(torch.load(path, weights_only=True)['i']) == 2
     assert int(torch.load(tmp_path / 'checkpoint.1.pt', weights_only=True)['i']) == 1
-    manifest = json.loads((tmp_path / 'checkpoint.pt.json').read_text())
-    assert manifest['checkpoint.pt'] == utils.file_digest(path)
-    assert manifest['checkpoint.1.pt'] == utils.file_digest(str(tmp_path / 'checkpoint.1.pt'))
+    good = json.loads((tmp_path / 'checkpoint.pt.json').read_text())['good']
+    assert len(good) == 3 and good[-1] == utils.file_digest(path)
+    assert utils.file_digest(str(tmp_path / 'checkpoint.1.pt')) in good
+
+
+def test_kill_between_the_rotation_renames_keeps_a_verifiable_checkpoint(tmp_path):
+    path = str(tmp_path / 'checkpoint.pt')
+    for i in range(3):
+        utils.save_rotating({'i': torch.tensor(i)}, path, keep=2)
+    os.replace(path, tmp_path / 'checkpoint.1.pt')     # the first rename of a 4th save, then killed
+    ckpt, used = utils.load_latest_good(path, keep=2)
+    assert used.endswith('checkpoint.1.pt') and int(ckpt['i']) == 2
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'flip_byte', 'delete'])
