@@ -8,6 +8,7 @@ Every flag is documented in `python main.py --help` and in README.md.
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -233,7 +234,26 @@ def resolve_args(args):
         args.precision = 'amp' if torch.cuda.is_available() else 'fp32'
     if args.precision == 'amp' and not torch.cuda.is_available():
         raise ValueError("--precision amp needs CUDA; valid on CPU: fp32, bf16")
-    positive = ['epochs', 'batch_size', 'update_freq', 'image_size', 'context_length',
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    if args.batch_size is not None and args.batch_size == 1:
+        raise ValueError("--batch-size must be >= 2: a contrastive loss needs negatives in the batch "
+                         "(and BatchNorm needs two samples)")
+    if args.patch_dropout and not models.BACKBONES.get(args.backbone).takes_img_size \
+            and not getattr(args, 'image_tower', None):
+        raise ValueError(f"--patch-dropout drops ViT patch tokens; {args.backbone} is not a ViT "
+                         f"(use a VIT* backbone)")
+    min_size = models.BACKBONES.get(args.backbone).min_image_size
+    if not getattr(args, 'image_tower', None):
+        sizes = [('--image-size', args.image_size)]
+        if args.base == 'CL2L' and args.num_augs > 0:
+            sizes.append(('--multicrop-resize', args.multicrop_resize))
+        for flag, size in sizes:
+            if size is not None and 0 < size < min_size:
+                raise ValueError(f"{flag} {size} is smaller than the {args.backbone} tower takes "
+                                 f"(>= {min_size} px)")
+    positive = ['epochs', 'batch_size', 'update_freq', 'image_size', 'context_length', 'keep_checkpoints',
                 'print_freq', 'eval_freq', 'shapes_num_train']
     for key in positive:
         if getattr(args, key) <= 0:

@@ -51,6 +51,7 @@ class BackboneCfg:
     proj_type: str = 'linear'    # default image projection: 'linear' or 'mlp'
     embed_dim: int = 256         # default joint embedding size (upstream default 256)
     heads: dict = field(default_factory=dict)  # HeadCfg defaults for this preset (small heads)
+    min_image_size: int = 1      # smallest input the tower takes (a ViT's patch, a CNN's stride)
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,17 @@ for _name, _cfg in {
     'R50': BackboneCfg('resnet50', channels_last=True),
     'CNEXTT': BackboneCfg('convnext_tiny', channels_last=True),
     'CNEXTS': BackboneCfg('convnext_small', channels_last=True),
-    'VITS16': BackboneCfg('vit_small_patch16_224', takes_img_size=True),
-    'VITS16MOCO': BackboneCfg('vit_small_patch16_224', takes_img_size=True, timm_kwargs={'num_heads': 12}),
-    'VITS32': BackboneCfg('vit_small_patch32_224', takes_img_size=True),
-    'VITB16': BackboneCfg('vit_base_patch16_224', takes_img_size=True),
-    'VITB32': BackboneCfg('vit_base_patch32_224', takes_img_size=True),
-    'VITL16': BackboneCfg('vit_large_patch16_224', takes_img_size=True),
+    'VITS16': BackboneCfg('vit_small_patch16_224', takes_img_size=True, min_image_size=16),
+    'VITS16MOCO': BackboneCfg('vit_small_patch16_224', takes_img_size=True, timm_kwargs={'num_heads': 12}, min_image_size=16),
+    'VITS32': BackboneCfg('vit_small_patch32_224', takes_img_size=True, min_image_size=32),
+    'VITB16': BackboneCfg('vit_base_patch16_224', takes_img_size=True, min_image_size=16),
+    'VITB32': BackboneCfg('vit_base_patch32_224', takes_img_size=True, min_image_size=32),
+    'VITL16': BackboneCfg('vit_large_patch16_224', takes_img_size=True, min_image_size=16),
     # small presets for the demo and the tests (see ENVIRONMENT.md's calibration note)
-    'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64,
+    'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
                            channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
                            heads=_TINY_HEADS),
-    'TINYVIT': BackboneCfg('vit_tiny_patch16_224', image_size=32, takes_img_size=True,
+    'TINYVIT': BackboneCfg('vit_tiny_patch16_224', image_size=32, takes_img_size=True, min_image_size=8,
                            timm_kwargs={'patch_size': 8, 'embed_dim': 64, 'depth': 2,
                                         'num_heads': 2},
                            text=TextCfg(width=64, heads=2, layers=2), embed_dim=64,
