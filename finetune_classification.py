@@ -270,14 +270,14 @@ class TrainTransform:
     """RandomResizedCrop (bicubic) + horizontal flip, CLIP-normalised float32 [3, S, S]."""
 
     def __init__(self, size, min_scale=0.08, hflip=0.5):
-        self.crop = augment.RandomResizedCropU8(size, scale=(min_scale, 1.0))
+        self.crop = augment.weak_transform(size, min_scale)             # crop, bicubic, normalised
         self.hflip = hflip
 
     def __call__(self, image):
-        pixels = self.crop(image)                                       # uint8 [3, S, S]
+        pixels = self.crop(image)                                       # float32 [3, S, S]
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             pixels = pixels.flip(-1)
-        return augment.normalize_uint8(pixels)
+        return pixels
 
 
 def build_loaders(args, image_size):
