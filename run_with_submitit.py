@@ -1,5 +1,6 @@
 """Launch main.py on Slurm through submitit; the job requeues itself on timeout or preemption
-and resumes from OUTPUT_DIR/checkpoint.pt.
+and resumes from OUTPUT_DIR/checkpoint.pt; SIGUSR1 (`#SBATCH --signal=USR1@N`, or
+`scancel --signal=USR1 JOB`) stops every task after its step, checkpoints and requeues.
 
     python run_with_submitit.py --nodes 4 --ngpus 8 --model CL2L_R50_CL2L ... [main.py flags]
     python run_with_submitit.py --ngpus 0 --tasks-per-node 2 --cpus-per-task 1 --output-dir runs/x
@@ -13,6 +14,8 @@ in the current directory, so both must be visible from the compute nodes (a shar
 import copy
 import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import main as trainer
@@ -55,7 +58,9 @@ class Trainer:
     On timeout submitit calls checkpoint() (global rank 0) and requeues the job with what it
     returns: the same flags. On preemption Slurm requeues the job with the pickle it has. Either
     way the next start resumes from OUTPUT_DIR/checkpoint.pt, the last checkpoint written (an
-    epoch end, or every --save-freq-steps optimizer steps).
+    epoch end, or every --save-freq-steps optimizer steps). On SIGUSR1 every task finishes its
+    step, the checkpoint of that step is written and the job requeues itself (requeue_this_job):
+    no step is recomputed.
     """
 
     def __init__(self, args, argv=None):
@@ -75,12 +80,36 @@ class Trainer:
             torch.set_num_threads(int(cpus))      # torch would use every core of the node
         if self.argv is not None:                 # command.txt records the submitting command
             sys.argv = [os.path.join(CODE_DIR, 'run_with_submitit.py'), *self.argv]
-        return main.main(args=args)
+        try:
+            return main.main(args=args)
+        except SystemExit as e:
+            if e.code == 128 + signal.SIGUSR1:    # graceful stop: the checkpoint is written
+                requeue_this_job()
+            raise
 
     def checkpoint(self):
         import submitit
         print("timeout or preemption: requeuing; the job resumes from OUTPUT_DIR/checkpoint.pt")
         return submitit.helpers.DelayedSubmission(type(self)(self.args, self.argv))
+
+
+def requeue_this_job():
+    """After a SIGUSR1 stop (`sbatch --signal=USR1@N`, or `scancel --signal=USR1 JOB`): every
+    task has stopped at the same step and the checkpoint is on disk; global rank 0 requeues the
+    job (`scontrol requeue`), which restarts it from that checkpoint. SIGTERM (scancel, a
+    preemption that Slurm requeues by itself) only stops."""
+    import submitit
+    env = submitit.JobEnvironment()
+    if env.global_rank != 0:
+        return
+    try:
+        subprocess.run(['scontrol', 'requeue', env.job_id], check=True, timeout=60,
+                       capture_output=True, text=True)
+        print(f"SIGUSR1: checkpoint written; requeued job {env.job_id}, it resumes from OUTPUT_DIR/checkpoint.pt")
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, 'stderr', None) or e
+        print(f"SIGUSR1: checkpoint written, but the job could not be requeued ({str(detail).strip()}); "
+              f"resubmit the same command to resume")
 
 
 def check_args(args):

@@ -3,6 +3,7 @@ tests on a real single-node Slurm (tools/slurm_local.sh, as root): run.sh +
 run_with_submitit.py train a small shapes CLIP with 2 gloo tasks; a job interrupted twice (the
 USR2 that Slurm sends before a time limit -> Trainer.checkpoint(); then `scontrol requeue`, a
 preemption) ends with the same step count and bit-identical weights as an uninterrupted one;
+so does a job stopped by SIGUSR1 (checkpoint at that step, then it requeues itself);
 a `--seed 0,1,2` sweep gives 3 finished experiments. Slurm missing or not root: skipped, but
 failed under CI=true (CI must run these)."""
 import os
@@ -226,6 +227,26 @@ def test_requeued_job_equals_uninterrupted_one(slurm, repo, exp, straight):
     for i in a['optimizer']['state']:
         for k in a['optimizer']['state'][i]:
             assert torch.equal(a['optimizer']['state'][i][k], b['optimizer']['state'][i][k]), (i, k)
+
+
+def test_usr1_stops_checkpoints_requeues_and_loses_no_step(slurm, repo, exp, straight):
+    (job,) = submit(repo, exp, 'usr1', 'run_with_submitit.py', *TWO_TASKS)
+    out = out_dir(repo, exp, 'usr1')
+    ckpt = os.path.join(out, 'checkpoint.pt')
+    wait_for(lambda: ckpt_step(ckpt) >= 2, 'the first step checkpoint')
+    subprocess.run(['scancel', '--signal=USR1', job], check=True)      # to every task of the job
+    wait_for(lambda: int(job_info(job).get('Restarts', 0)) >= 1, 'the requeue after SIGUSR1')
+    wait_done(job, out)
+    text = logs(out, tail=None)
+    stopped = [int(s) for s in re.findall(r'received SIGUSR1: checkpoint saved at step (\d+)', text)]
+    resumed = [int(s) for s in re.findall(r'resumed from \S+: epoch \d+, step (\d+)', text)]
+    assert stopped and 'SIGUSR1: checkpoint written; requeued job' in text, text
+    assert resumed == [stopped[0]] and stopped[0] < 16, text   # resumed at the stop: no step redone
+    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a['step'] == b['step'] == 16
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
 
 
 def test_seed_sweep_gives_three_finished_experiments(slurm, repo, exp):
