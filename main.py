@@ -398,6 +398,7 @@ def main(argv=None, args=None):
     elif not hasattr(args, 'method'):
         resolve_args(args)
     device = utils.init_distributed(args.dist_backend)
+    utils.keep_freed_memory()                   # big batches/activations reuse freed memory
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"git: {utils.git_sha()}")
     print(json.dumps(plain_args(args), sort_keys=True))

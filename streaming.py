@@ -23,12 +23,13 @@ import random
 import re
 import zlib
 
+import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from decode import Skip, clean_captions, decode_image
 from metadata import DataError
-from readers import PRINT_FIRST, PROBE, collate, mix_seed
+from readers import PRINT_FIRST, PROBE, collate, mix_seed, mix_seeds
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'image')
 TEXT_EXTS = ('txt', 'text')
@@ -107,8 +108,8 @@ class StreamReader(IterableDataset):
     def _batch(self, slots, raw, epoch):
         """batch_size raw samples -> collated batch; unusable ones replaced within the batch."""
         built, good, events, first_error = [None] * len(slots), [], [], None
-        seeds = [mix_seed(self.seed, epoch, zlib.crc32(f"{os.path.basename(s.get('__url__', ''))}/"
-                                                       f"{s['__key__']}".encode())) for s in slots]
+        keys = [zlib.crc32(f"{os.path.basename(s.get('__url__', ''))}/{s['__key__']}".encode()) for s in slots]
+        seeds = mix_seeds(self.seed, epoch, np.array(keys, np.int64)).tolist()     # = mix_seed(seed, epoch, key)
         for k, raw_sample in enumerate(slots):
             events.append('drawn')
             try:

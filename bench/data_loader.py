@@ -1,16 +1,21 @@
 """Data-loading throughput: our training pipeline against a naive one, same shards, same
 DataLoader settings, same cores, in one run (interleaved rounds, best round of each).
 
-    python bench/data_loader.py [--images 2000] [--sizes 64 128 224] [--workers 2] [--rounds 3]
+    python bench/data_loader.py [--images 2000] [--sizes 64 128 224] [--workers 2] [--rounds 5]
 
 Generates `--images` 500x375 JPEGs (photo-like: gradients, shapes, noise; quality 90) into
 WebDataset tar shards with captions, then measures images/s of
-  ours:  datasets' `wds` reader (streaming.StreamReader): reduced-scale JPEG decode when every
-         crop allows it (decode.draft_policy), augment.SampleBuilder (RandomResizedCrop
-         scale 0.5-1, bicubic, normalise, tokenise), skip accounting, batched in the workers;
+  ours:  datasets' `wds` reader (streaming.StreamReader) with the training decode options:
+         reduced-scale JPEG decode when every crop allows it (decode.draft_policy), else
+         torchvision's decode_jpeg straight to a uint8 tensor; augment.SampleBuilder
+         (RandomResizedCrop scale 0.5-1, bicubic, uint8 out, tokenise), skip accounting,
+         batched in the workers; the consuming loop normalises each batch as training does
+         (engine.to_device);
   naive: webdataset .decode('pil') (full decode) + torchvision RandomResizedCrop(scale 0.5-1,
          bicubic) + ToTensor + Normalize + tokenise, collated by the DataLoader;
-and prints images/s of both and their ratio for each training resolution.
+and prints, for each training resolution, images/s of both and their ratio (the best round of
+each), and the CPU time per image of the consuming process and its workers (the least of the
+rounds; steady state, worker start-up excluded), which other jobs on the machine disturb less.
 """
 import argparse
 import io
@@ -31,7 +36,9 @@ from torchvision import transforms as T  # noqa: E402
 
 import augment  # noqa: E402
 import datasets  # noqa: E402
+import engine  # noqa: E402
 import streaming  # noqa: E402
+import utils  # noqa: E402
 from decode import DecodeOptions, draft_policy  # noqa: E402
 
 
@@ -70,7 +77,8 @@ def ours(shards, n, size, batch, workers, tokenizer):
     args = argparse.Namespace(image_size=size, base='CLIP', weak_min_scale=0.5)
     builder = augment.SampleBuilder.from_args(args, tokenizer)
     reader = streaming.StreamReader('wds', '', shards, n, batch, builder,
-                                    DecodeOptions(draft=draft_policy(builder)), shuffle_buffer=0)
+                                    DecodeOptions(draft=draft_policy(builder), fast_jpeg=True),
+                                    shuffle_buffer=0)
     reader.set_position(0, 0)
     return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
                                        persistent_workers=False)
@@ -85,17 +93,44 @@ def naive(shards, n, size, batch, workers, tokenizer):
     return torch.utils.data.DataLoader(pipeline, batch_size=batch, num_workers=workers)
 
 
-def images_per_s(loader, limit):
-    seen, t0 = 0, None
-    for batch in loader:
-        images = batch['image'] if isinstance(batch, dict) else batch[0]
+def _cpu_seconds(pids):
+    """User + system CPU time of these processes (Linux /proc; None elsewhere)."""
+    try:
+        total = 0
+        for pid in pids:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            total += int(fields[11]) + int(fields[12])           # utime, stime in clock ticks
+        return total / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def images_per_s(loader, limit, consume):
+    """-> (images/s, CPU ms per image of the loop and its workers). `consume(batch)` -> the
+    float32 images training would see. CPU time is less sensitive than wall time to other
+    jobs on a shared machine (it still grows under contention: shared caches)."""
+    seen, t0, it = 0, None, iter(loader)
+    pids = [os.getpid()] + [w.pid for w in getattr(it, '_workers', [])]
+    for batch in it:
+        images = consume(batch)
         if t0 is None:                  # the first batch includes worker start-up: not timed
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_seconds(pids)
             continue
         seen += images.shape[0]
         if seen >= limit:
             break
-    return seen / (time.perf_counter() - t0)
+    wall, cpu1 = time.perf_counter() - t0, _cpu_seconds(pids)
+    return seen / wall, (None if cpu0 is None or cpu1 is None else 1e3 * (cpu1 - cpu0) / seen)
+
+
+def consume_ours(batch):
+    """As train_one_epoch: the skip counts popped, the batch moved and normalised."""
+    batch.pop('_data', None)
+    return engine.to_device(batch, torch.device('cpu'))['image']        # uint8 -> float32
+
+
+CONSUME = {'ours': consume_ours, 'naive': lambda batch: batch[0]}    # naive: float32 from the workers
 
 
 def main():
@@ -104,10 +139,12 @@ def main():
     p.add_argument('--sizes', type=int, nargs='+', default=[64, 128, 224], help='training resolutions')
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers for both pipelines')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--rounds', type=int, default=3, help='interleaved rounds; the best of each is kept')
+    p.add_argument('--rounds', type=int, default=5,
+                   help='interleaved rounds; the best of each is kept (5: the machine is shared)')
     p.add_argument('--data-dir', default=None, help='reuse/keep the shards here (default: a temp dir)')
     a = p.parse_args()
     torch.set_num_threads(1)
+    utils.keep_freed_memory()            # as main.py does: the consuming loop's batches reuse memory
     tokenizer = datasets.Tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         folder = a.data_dir or tmp
@@ -120,17 +157,22 @@ def main():
         n = a.images - a.batch_size * (a.workers + 1)       # leave room: workers may stop early
         print(f"{os.cpu_count()} CPUs, {a.workers} workers, batch {a.batch_size}, {a.rounds} rounds; "
               f"torch {torch.__version__}, PIL {Image.__version__}")
-        print("| image size | ours (images/s) | naive (images/s) | ratio |")
-        print("|---|---|---|---|")
+        print("| image size | ours (images/s) | naive (images/s) | ratio "
+              "| ours (CPU ms/image) | naive (CPU ms/image) | CPU ratio |")
+        print("|---|---|---|---|---|---|---|")
         for size in a.sizes:
             best = {'ours': 0.0, 'naive': 0.0}
+            cpu = {'ours': float('inf'), 'naive': float('inf')}
             for _ in range(a.rounds):
                 for name, make in (('ours', ours), ('naive', naive)):
                     loader = make(shards, a.images, size, a.batch_size, a.workers, tokenizer)
-                    best[name] = max(best[name], images_per_s(loader, n))
+                    speed, ms = images_per_s(loader, n, CONSUME[name])
+                    best[name], cpu[name] = max(best[name], speed), min(cpu[name], ms or float('inf'))
                     del loader
-            print(f"| {size} | {best['ours']:.0f} | {best['naive']:.0f} | {best['ours'] / best['naive']:.2f}x |",
-                  flush=True)
+            cpu_cols = (f"{cpu['ours']:.2f} | {cpu['naive']:.2f} | {cpu['naive'] / cpu['ours']:.2f}x"
+                        if cpu['ours'] < float('inf') else "- | - | -")      # no /proc: no CPU times
+            print(f"| {size} | {best['ours']:.0f} | {best['naive']:.0f} | {best['ours'] / best['naive']:.2f}x "
+                  f"| {cpu_cols} |", flush=True)
 
 
 if __name__ == '__main__':
