@@ -1,11 +1,12 @@
 # make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~5 min), print its zero-shot top-1
 # make test : the whole test suite (unit, integration, system)
+# make bench: training step vs OpenCLIP + MFU, memory, scaling (bench/RESULTS.md; hours on 2 CPU cores); QUICK=1: smoke run, minutes
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+
+BENCH_FLAGS = $(if $(QUICK),--quick,)
+bench: $(STAMP)
+	$(PY) -u bench/train_step.py $(BENCH_FLAGS)
+	$(PY) -u bench/memory.py $(BENCH_FLAGS)
+	$(PY) -u bench/scaling.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf output .pytest_cache
