@@ -229,9 +229,26 @@ class TextAugment:
                 out = self.eda.random_swap(sentence)
             else:
                 out = self.eda.random_deletion(sentence, p=0.2)
+        except Exception as e:        # noqa: BLE001  a third-party augmenter never stops training
+            # seen: textaugment's synonym lookup met a None synset from NLTK's WordNet reader
+            # (AttributeError) in the 2nd hour of a run; the view keeps the unaugmented words
+            _warn_augment_failure(op, sentence, e)
+            out = sentence
         finally:
             random.setstate(state)
         return out if isinstance(out, str) and out.strip() else sentence
+
+
+_AUGMENT_FAILURES = {'count': 0}
+
+
+def _warn_augment_failure(op, sentence, error):
+    """One warning per process for the first failure, then every 1 000th (with the count)."""
+    _AUGMENT_FAILURES['count'] += 1
+    n = _AUGMENT_FAILURES['count']
+    if n == 1 or n % 1000 == 0:
+        warnings.warn(f"text augmentation ({op}) failed {n} time(s) in this process, the view keeps "
+                      f"its unaugmented words; first/latest: {type(error).__name__}: {error} on {sentence!r}")
 
 
 # ----------------------------------------------------------------------------- samples

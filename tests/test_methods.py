@@ -256,6 +256,20 @@ def test_eda_changes_text_and_is_seeded():
     assert stop('there is a blue circle on a grey background', 0) == 'blue circle grey background'
 
 
+def test_a_failing_text_augmenter_keeps_the_words_and_warns(monkeypatch):
+    # seen in a run: textaugment's synonym lookup hit a None WordNet synset (AttributeError)
+    aug = augment.TextAugment(remove_stopwords_prob=0.0, weights=(1.0, 0.0, 0.0, 0.0))
+
+    def broken(sentence):
+        raise AttributeError("'NoneType' object has no attribute 'lemmas'")
+    monkeypatch.setattr(aug.eda, 'synonym_replacement', broken)
+    monkeypatch.setitem(augment._AUGMENT_FAILURES, 'count', 0)
+    with pytest.warns(UserWarning, match=r"text augmentation \(synonym\) failed 1 time"):
+        assert aug('a small red triangle', 0) == 'a small red triangle'
+    assert aug('a small red triangle', 1) == 'a small red triangle'      # no second warning needed
+    assert augment._AUGMENT_FAILURES['count'] == 2
+
+
 def test_sample_builder_views_are_deterministic(tokenizer):
     args = train.parse_args(['--model', 'CL2L_TINYCNN_CL2L', '--text-augment', '--num-augs', '3'])
     build = augment.SampleBuilder.from_args(args, tokenizer, plain_images=True)
