@@ -359,7 +359,8 @@ def build_loader(dataset, args):
     workers = args.workers
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=workers > 0,
-                  prefetch_factor=args.prefetch_factor if workers > 0 else None)
+                  prefetch_factor=args.prefetch_factor if workers > 0 else None,
+                  worker_init_fn=augment.fresh_wordnet_files if workers > 0 else None)
     if isinstance(dataset, streaming.StreamReader):
         return StreamControl(dataset), torch.utils.data.DataLoader(dataset, batch_size=None, **common)
     sampler = ResumableSampler(len(dataset), seed=args.seed, num_samples=args.train_num_samples)

@@ -3,6 +3,7 @@ reference computation; CL2L with no views is exactly CLIP; the EMA teacher updat
 text augmentation is seeded; nonsensical combinations fail at parse time."""
 import argparse
 import math
+import warnings
 
 import pytest
 import torch
@@ -268,6 +269,41 @@ def test_a_failing_text_augmenter_keeps_the_words_and_warns(monkeypatch):
         assert aug('a small red triangle', 0) == 'a small red triangle'
     assert aug('a small red triangle', 1) == 'a small red triangle'      # no second warning needed
     assert augment._AUGMENT_FAILURES['count'] == 2
+
+
+class _WordNetLookups(torch.utils.data.Dataset):
+    WORDS = ('red', 'circle', 'square', 'small', 'corner', 'background', 'picture', 'star', 'left',
+             'middle', 'dark', 'light', 'blue', 'green', 'top', 'big', 'right') * 20
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from nltk.corpus import wordnet
+        return sum(any(s is None for s in wordnet.synsets(w)) for w in self.WORDS)
+
+
+def test_loader_workers_read_wordnet_without_sharing_file_offsets():
+    # the parent has WordNet's data files open (probing a sample does that); forked workers
+    # inherit them with a shared offset unless the worker_init_fn drops them. Without it this
+    # race gave None synsets in 1 of 2 runs here (13 of 1 020 lookups in a direct fork test)
+    augment.require_wordnet()
+    from nltk.corpus import wordnet
+    wordnet.synsets('dog')
+    loader = torch.utils.data.DataLoader(_WordNetLookups(), batch_size=1, num_workers=2,
+                                         multiprocessing_context='fork',
+                                         worker_init_fn=augment.fresh_wordnet_files)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                 # NLTK warns per missing synset
+        assert sum(int(b) for b in loader) == 0
+    assert datasets_loader_uses_it()
+
+
+def datasets_loader_uses_it():
+    import datasets
+    args = argparse.Namespace(workers=1, prefetch_factor=2, seed=0, train_num_samples=None, batch_size=2)
+    _, loader = datasets.build_loader(_WordNetLookups(), args)
+    return loader.worker_init_fn is augment.fresh_wordnet_files
 
 
 def test_sample_builder_views_are_deterministic(tokenizer):
