@@ -8,6 +8,7 @@ import torch
 
 import readers
 import utils
+from augment import normalize_uint8
 
 
 def unwrap(model):
@@ -29,17 +30,16 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def to_device(batch, device, mean=None, std=None):
+def to_device(batch, device):
     """The batch on `device`. The loaders deliver uint8 images (a quarter of the bytes to pass
-    between processes and to copy); `image` / `image_views` become normalised float32 here
-    (default: CLIP mean/std), one vectorised op per tensor on the device. Float images
-    (already normalised: hand-made batches) pass unchanged."""
-    from augment import CLIP_MEAN, CLIP_STD, normalize_uint8
+    between processes and to copy); `image` / `image_views` become CLIP-normalised float32
+    here, one vectorised op per tensor on the device. Float images (already normalised:
+    hand-made batches) pass unchanged."""
     out = {}
     for k, v in batch.items():
         v = v.to(device, non_blocking=True)
         if k in ('image', 'image_views') and v.dtype == torch.uint8:
-            v = normalize_uint8(v, mean or CLIP_MEAN, std or CLIP_STD)
+            v = normalize_uint8(v)
         out[k] = v
     return out
 
