@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 from torchvision.transforms import v2 as T
 
@@ -17,7 +18,7 @@ import datagen
 import datasets
 import engine
 import main as train
-from decode import DecodeOptions, Skip, decode_image, draft_policy
+from decode import DecodeOptions, Skip, decode_image, draft_policy, jpeg_header
 
 BICUBIC = T.InterpolationMode.BICUBIC
 SIZES = [(500, 375), (200, 150), (64, 64), (40, 300), (1000, 60)]    # incl. upsampling, fallback crops
@@ -186,6 +187,27 @@ def test_fast_jpeg_decode_gives_pils_pixels():
     assert diff.max() <= 2 and diff.mean() < 0.05                        # identical with the pinned builds
 
 
+def test_jpeg_header_reads_what_pil_reads():
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 51, 3), np.uint8))
+    cases = [datagen.jpeg(0, 500, 375), datagen.image_bytes('cmyk'), datagen.image_bytes('gray'),
+             datagen.encode(rgb, 'JPEG', progressive=True),
+             datagen.encode(rgb, 'JPEG', exif=Image.Exif().tobytes(), icc_profile=b'x' * 70_000)]
+    for data in cases:
+        pil = Image.open(io.BytesIO(data))
+        assert jpeg_header(data) == (*pil.size, len(pil.getbands()))
+    for kind in ('garbage', 'zero', 'bomb_png') + tuple(k for k in datagen.CONVERTED if k not in ('cmyk', 'gray')):
+        assert jpeg_header(datagen.image_bytes(kind) or b'') is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 700))
+def test_jpeg_header_never_raises(noise, cut):
+    """Any prefix of a JPEG, with any bytes after it: a header or None, never an exception."""
+    data = datagen.jpeg(1, 40, 30)[:cut] + noise
+    header = jpeg_header(data)
+    assert header is None or (len(header) == 3 and min(header) > 0)
+
+
 def test_fast_jpeg_keeps_draft_modes_and_skips(tokenizer):
     build = augment.SampleBuilder.from_args(argparse.Namespace(image_size=64, base='CLIP'), tokenizer)
     opts = DecodeOptions(draft=draft_policy(build), fast_jpeg=True)
@@ -228,3 +250,12 @@ def test_tokenizer_equals_open_clip(tokenizer):
     assert torch.equal(tokenizer(texts), tokenizer.bpe(texts, context_length=77))
     assert torch.equal(tokenizer('one text'), tokenizer.bpe(['one text'], context_length=77))
     assert tokenizer([]).shape == (0, 77)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=80)
+       | st.sampled_from(['A  Photo\tof a DOG ', '&amp; fish', 'x\x1b[31mred', ' \r\n', '<b>bold</b>']))
+def test_ascii_shortcut_cleans_as_open_clip(text):
+    """The printable-ASCII shortcut in the tokenizer's clean is open_clip's clean exactly."""
+    from open_clip.tokenizer import _clean_lower
+    assert datasets._fast_clean(_clean_lower)(text) == _clean_lower(text)
