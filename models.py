@@ -354,6 +354,7 @@ class CLIP(nn.Module):
             self.transformer = Transformer(text_cfg, head_cfg.text_dropout_prob,
                                            head_cfg.text_drop_path_prob)
             self.ln_final = nn.LayerNorm(text_cfg.width)
+        self.text_length_multiple = 1      # trimmed text length rounded up to this (bench lever)
         self.text_projection = nn.Parameter(torch.empty(text_cfg.width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.logit_scale_init)))
         if method_cfg.logit_bias_init is not None:
@@ -390,7 +391,8 @@ class CLIP(nn.Module):
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
-        length = int(eot.max()) + 1
+        m = self.text_length_multiple
+        length = min(-(-(int(eot.max()) + 1) // m) * m, text.shape[1])
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x, local))                   # [B, L, width]
         return x[torch.arange(x.shape[0], device=x.device), eot]        # [B, width]

@@ -467,12 +467,34 @@ def lever_malloc(batch_size, rounds):
     return times
 
 
+def lever_text_length(batch_size, rounds):
+    """Our ViT-B/16 step with the text trimmed to the batch's longest caption (the length
+    varies per batch) vs that length rounded up to a multiple of 8 / 16 (fewer distinct
+    shapes for the kernels) vs all 77 tokens; exact either way (causal + EOT pooling)."""
+    arm = build_ours('CLIP_VITB16_CLIP', make_batches(batch_size, 224, 4), **TEXT_B16)
+
+    def multiple(m):
+        def f():
+            arm.model.text_length_multiple = m
+            arm.step()
+        return f
+    fns = {'exact (longest caption)': multiple(1), 'multiple of 8': multiple(8),
+           'multiple of 16': multiple(16), 'all 77 tokens': multiple(77)}
+    print(f'\ntrimmed lengths of the pool: {token_stats(arm.batches)[1]}')
+    times = _median_times(fns, rounds)
+    arm.model.text_length_multiple = 1
+    _lever_rows(f'ViT-B/16 training step, batch {batch_size}, realistic captions', times,
+                'exact (longest caption)')
+    return times
+
+
 LEVERS = {'optimizer': lambda a: lever_optimizer(a.lever_rounds),
           'guard': lambda a: lever_guard(a.lever_batch, a.lever_rounds),
           'channels_last': lambda a: lever_channels_last(a.lever_batch, a.lever_rounds),
           'threads': lambda a: lever_threads(a.lever_batch, a.lever_rounds, a.threads),
           'compile': lambda a: lever_compile(a.lever_batch, a.lever_rounds),
-          'malloc': lambda a: lever_malloc(a.lever_batch, a.lever_rounds)}
+          'malloc': lambda a: lever_malloc(a.lever_batch, a.lever_rounds),
+          'text_length': lambda a: lever_text_length(a.lever_batch, a.lever_rounds)}
 
 
 def get_parser():
