@@ -12,7 +12,9 @@ from augment import normalize_uint8
 
 
 def unwrap(model):
-    return model.module if hasattr(model, 'module') else model
+    """The model itself, out of torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, '_orig_mod', model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def cosine_lr(step, total_steps, warmup_steps, lr, lr_start, lr_end):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -67,6 +68,9 @@ def get_args_parser():
                         'position embeddings resampled to --image-size')
     g.add_argument('--checkpoint-grad', action='store_true',
                    help='activation checkpointing in both towers: less memory, ~20%% slower')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the model for the training step (ViT-B/16 on CPU: 1.08x '
+                        'faster after ~1 min of compiling); checkpoints and evaluation stay eager')
     towers.add_args(parser)     # --image-tower, --image-pretrained, --text-tower, --lock-image, ...
 
     g = parser.add_argument_group('CL2L base and methods (CLIP🚀, SiamLIP, BYOLIP, BarLIP, SwALIP)')
@@ -216,6 +220,9 @@ def parse_args(argv=None):
     return args
 
 
+CXX_COMPILERS = [c for c in (os.environ.get('CXX'), 'g++', 'clang++', 'c++') if c]
+
+
 def resolve_args(args):
     """Fill dataset-dependent defaults and reject impossible values before any work starts."""
     defaults = DATASET_DEFAULTS.get(args.dataset, UPSTREAM_DEFAULTS)
@@ -274,6 +281,9 @@ def resolve_args(args):
         raise ValueError(f"--finetune: no such file {args.finetune!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no such file {args.resume!r}")
+    if getattr(args, 'compile', False) and not any(shutil.which(c) for c in CXX_COMPILERS):
+        raise ValueError("--compile needs a C++ compiler for torch.compile's generated kernels "
+                         f"(none of {', '.join(CXX_COMPILERS)} on PATH); install g++ or drop --compile")
 
 
 def resolve_method_args(args):
@@ -374,6 +384,14 @@ def _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, kee
         path, keep)
 
 
+def compile_for_training(model):
+    """torch.compile'd view of `model` (same parameters) for the training step only: the
+    checkpoint saves the eager module's state_dict (no `_orig_mod.` keys), evaluation runs eager.
+    Compiling happens at the first step (and once more when text lengths first change)."""
+    print("--compile: the first training steps compile the model (about a minute on CPU)")
+    return torch.compile(model)
+
+
 def plain_args(args):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
@@ -432,6 +450,7 @@ def main(argv=None, args=None):
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
             find_unused_parameters=unused, static_graph=not unused and args.update_freq == 1)
+    step_model = compile_for_training(model) if args.compile else model
     wandb_run = init_wandb(args)
 
     if args.evaluate:
@@ -494,7 +513,7 @@ def main(argv=None, args=None):
             sampler.set_epoch(state.epoch, start=state.batch_in_epoch * args.batch_size)
             if hasattr(dataset, 'set_epoch'):
                 dataset.set_epoch(state.epoch)
-            stats = engine.train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state,
+            stats = engine.train_one_epoch(step_model, loss_fn, loader, optimizer, scaler, lr_at, state,
                                            args, device, on_step, reducer)
             if state.stop:
                 break

@@ -322,6 +322,13 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- CLIP
 
+@torch.compiler.disable
+def _trimmed_length(eot, context, multiple=1):
+    """Tokens to keep: up to the last EOT of the batch, rounded up to `multiple`. A data-
+    dependent size, so under --compile it runs eagerly (one clean graph break)."""
+    return min(-(-(int(eot.max()) + 1) // multiple) * multiple, context)
+
+
 class CLIP(nn.Module):
     """Image tower + projection, text transformer + projection, a learnable logit scale.
 
@@ -391,8 +398,7 @@ class CLIP(nn.Module):
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
-        m = self.text_length_multiple
-        length = min(-(-(int(eot.max()) + 1) // m) * m, text.shape[1])
+        length = _trimmed_length(eot, text.shape[1], self.text_length_multiple)
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x, local))                   # [B, L, width]
         return x[torch.arange(x.shape[0], device=x.device), eot]        # [B, width]

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
+import engine
 import eval_zeroshot
+import losses
 import main as train
 import models
 import utils
@@ -76,6 +78,56 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, stop_at):
             assert torch.equal(o1[i][k], o2[i][k]), (i, k)
 
 
+def test_compiled_step_matches_eager():
+    """--compile's model: same parameters (state_dict keys unchanged), same loss and gradients
+    as the eager model on a batch, to float rounding."""
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINYCNN_CLIP')
+    keys = list(model.state_dict())
+    compiled = train.compile_for_training(model)
+    assert engine.unwrap(compiled) is model and list(model.state_dict()) == keys
+    loss_fn = losses.build_loss('CLIP', train.parse_args([]))
+    text = torch.zeros(8, 77, dtype=torch.long)
+    text[:, 0], text[:, 1:6] = 49406, torch.randint(1, 49000, (8, 5))
+    text[torch.arange(8), torch.randint(6, 20, (8,))] = 49407
+    batch = {'image': torch.randn(8, 3, 64, 64), 'text': text}
+    grads = []
+    for m in (model, compiled):
+        model.zero_grad()
+        loss = loss_fn(m(batch))['loss']
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = grads
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), g0, g1):
+        assert (a - b).norm() <= 1e-4 * a.norm() + 1e-9, name
+
+
+@pytest.mark.slow
+def test_compile_trains_saves_eager_keys_and_resumes(tmp_path):
+    """--compile end to end: the step really runs through torch.compile, the checkpoint holds the
+    eager module's keys (loads strictly into a fresh model), a compiled run stopped mid-epoch
+    resumes compiled to the end. Its first losses follow the eager run's; later ones drift
+    (Adam turns float-rounding differences of tiny gradients into full steps, and this tiny
+    high-lr run is chaotic), so the step itself is compared in the test above."""
+    args = ['--epochs', '2', '--eval-freq', '1']
+    straight, _ = run(tmp_path, *args, name='straight')
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    split, partial = run(tmp_path, *args, '--compile', '--exit-after-steps', '5', name='split')
+    assert partial is None and torch._dynamo.utils.counters['stats']['unique_graphs'] > 0
+    m, _, step = _state(os.path.join(split, 'checkpoint.pt'))
+    assert step == 5 and not any('_orig_mod' in k for k in m)
+    ckpt = torch.load(os.path.join(split, 'checkpoint.pt'), weights_only=True)
+    models.create_model_from_flags(ckpt['model_name'], ckpt['args']).load_state_dict(m)  # strict
+    run(tmp_path, *args, '--compile', name='split')                       # resume, compiled
+    assert _state(os.path.join(split, 'checkpoint.pt'))[2] == 16
+    eager = [s['loss'] for s in read_jsonl(os.path.join(straight, 'log_steps.txt'))]
+    compiled = [s['loss'] for s in read_jsonl(os.path.join(split, 'log_steps.txt'))]
+    assert len(eager) == len(compiled) == 16
+    assert max(abs(a - b) for a, b in zip(eager[:3], compiled[:3])) < 1e-3, (eager, compiled)
+
+
 @pytest.mark.parametrize('argv, fragment', [
     (['--model', 'CLIP_NOPE_CLIP'], 'valid: R50'),
     (['--model', 'CLIP'], '<base>_<backbone>_<method>'),
@@ -117,3 +169,10 @@ def test_wandb_offline_logging(tmp_path):
     out, _ = run(tmp_path, '--epochs', '1', '--wandb', '--offline', '--name', 'test-run')
     runs = [d for d in os.listdir(os.path.join(out, 'wandb')) if d.startswith('offline-run')]
     assert len(runs) == 1
+
+
+def test_compile_without_a_compiler_fails_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(train, 'CXX_COMPILERS', ['no-such-c++-compiler'])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--compile'])
+    assert 'needs a C++ compiler' in capsys.readouterr().err
