@@ -20,6 +20,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -104,9 +105,10 @@ def token_stats(batches):
 class Arm:
     """One model + optimizer + step function; collects per-step seconds."""
 
-    def __init__(self, label, step, batches, model):
+    def __init__(self, label, step, batches, model, flops_like=None):
         self.label, self._step, self.batches, self.model = label, step, batches, model
         self.times, self.cpu_times, self.flops, self.i = [], [], None, 0
+        self.flops_like, self.warmup_s = flops_like, None
 
     def step(self):
         """One step; returns wall seconds (process CPU seconds go to self.last_cpu)."""
@@ -119,7 +121,15 @@ class Arm:
 
     def count_flops(self):
         """Matmul/conv/attention FLOPs of one full step (forward + backward), averaged over
-        the batch pool (text length varies per batch for our trimmed text tower)."""
+        the batch pool (text length varies per batch for our trimmed text tower). A compiled
+        arm (`flops_like`: its eager twin, counted first) takes the twin's count - the same
+        math - and its pass over the pool is the compile warm-up (self.warmup_s)."""
+        if self.flops_like is not None:
+            t = time.perf_counter()
+            for _ in range(2 * len(self.batches)):   # every text length, then the dynamic graph
+                self.step()
+            self.warmup_s, self.flops = time.perf_counter() - t, self.flops_like.flops
+            return
         total = 0
         for _ in range(len(self.batches)):
             with FlopCounterMode(display=False) as counter:
@@ -143,7 +153,8 @@ def ours_step_fn(model, loss_fn, optimizer, scaler, momentum=0.99, guard=True):
     return step
 
 
-def build_ours(name, batches, label=None, checkpoint_grad=False, **overrides):
+def build_ours(name, batches, label=None, checkpoint_grad=False, compile_like=None, **overrides):
+    """`compile_like`: the eager arm this one is the main.py --compile twin of."""
     torch.manual_seed(0)
     model = models.create_model(name, **overrides).train()
     if checkpoint_grad:
@@ -154,8 +165,9 @@ def build_ours(name, batches, label=None, checkpoint_grad=False, **overrides):
         loss_fn = losses.CLIPLoss()
     optimizer = train_main.build_optimizer(model, OPT)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    return Arm(label or f'ours {name}', ours_step_fn(model, loss_fn, optimizer, scaler),
-               batches, model)
+    step_model = train_main.compile_for_training(model) if compile_like else model
+    return Arm(label or f'ours {name}', ours_step_fn(step_model, loss_fn, optimizer, scaler),
+               batches, model, compile_like)
 
 
 def openclip_param_groups(model, wd):
@@ -186,24 +198,27 @@ def register_openclip_timm_r50():
     open_clip.add_model_config(d)
 
 
-def build_openclip(name, batches, label=None, optimizer_kwargs=None, **model_kwargs):
+def build_openclip(name, batches, label=None, optimizer_kwargs=None, compile_like=None, **model_kwargs):
+    """`compile_like`: the eager arm this one is the torch.compile twin of (OpenCLIP's training
+    script compiles the whole model with --torchcompile, as done here)."""
     import open_clip
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None, output_dict=True, **model_kwargs).train()
+    step_model = torch.compile(model) if compile_like else model
     loss_fn = open_clip.loss.ClipLoss()
     optimizer = torch.optim.AdamW(openclip_param_groups(model, OPT.wd), lr=OPT.lr, betas=OPT.betas,
                                   eps=OPT.eps, **(optimizer_kwargs or {}))
 
     def step(batch):                     # open_clip/training/train.py, fp32, accum_freq 1
         optimizer.zero_grad()
-        out = model(batch['image'], batch['text'])
+        out = step_model(batch['image'], batch['text'])
         loss = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         return loss.item()
-    return Arm(label or f'OpenCLIP {name}', step, batches, model)
+    return Arm(label or f'OpenCLIP {name}', step, batches, model, compile_like)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -301,6 +316,30 @@ def run_vitb16(args, peak):
     return rows
 
 
+def run_vitb16_compile(args, peak):
+    """ViT-B/16 with torch.compile on both sides (ours: main.py --compile; OpenCLIP: its
+    --torchcompile, the whole model) and their eager twins, realistic captions. Compile time =
+    the compiled arm's warm-up (two passes over the batch pool) minus as many eager steps."""
+    import open_clip  # noqa: F401
+    real = make_batches(args.batch_size, 224, args.pool)
+    print(f'\n## ViT-B/16 + torch.compile, batch {args.batch_size}, 224 px, fp32, realistic '
+          f'captions (trimmed lengths {token_stats(real)[1]})')
+    ours = build_ours('CLIP_VITB16_CLIP', real, 'ours ViT-B/16 eager', **TEXT_B16)
+    oc = build_openclip('ViT-B-16', real, 'OpenCLIP ViT-B-16 eager')
+    arms = [ours, build_ours('CLIP_VITB16_CLIP', real, 'ours ViT-B/16 --compile', compile_like=ours,
+                             **TEXT_B16),
+            oc, build_openclip('ViT-B-16', real, 'OpenCLIP ViT-B-16 compiled', compile_like=oc)]
+    interleave(arms, args.steps, args.warmup, peak)
+    for a in arms:
+        if a.warmup_s is not None:
+            eager = statistics.median(a.flops_like.times)
+            print(f'compile time, {a.label}: ~{a.warmup_s - 2 * len(a.batches) * eager:.0f} s '
+                  f'(warm-up {a.warmup_s:.0f} s over {2 * len(a.batches)} steps, eager step {eager:.1f} s)')
+    rows = [summary(a, args.batch_size) for a in arms]
+    del arms
+    return rows
+
+
 def run_r50(args, peak):
     register_openclip_timm_r50()
     real = make_batches(args.batch_size, 224, args.pool)
@@ -324,7 +363,8 @@ def run_cl2l(args, peak):
     return [summary(a, args.batch_size) for a in arms]
 
 
-CONFIGS = {'vitb16': run_vitb16, 'r50': run_r50, 'cl2l': run_cl2l}
+CONFIGS = {'vitb16': run_vitb16, 'vitb16_compile': run_vitb16_compile, 'r50': run_r50,
+           'cl2l': run_cl2l}
 
 
 # ----------------------------------------------------------------------------- levers
@@ -519,6 +559,8 @@ def main(argv=None):
     if args.quick:
         args.batch_size, args.steps, args.pool, args.warmup = 4, 2, 2, 0
     torch.set_num_threads(args.threads)
+    # compile times as a first run sees them: a fresh inductor cache unless one is given
+    os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', tempfile.mkdtemp(prefix='bench_inductor_'))
     utils.keep_freed_memory()       # as main.py does; in this one process it helps OpenCLIP's arm too
     if args.levers is not None:
         if args.quick:
@@ -535,7 +577,8 @@ def main(argv=None):
     best_peak = max(peak)
     print(f'\nfp32 GEMM peak (4096^3 torch.mm, best of {4 * len(peak)}): {best_peak / 1e9:.0f} GFLOP/s; '
           f'{machine_note(args.threads)}')
-    refs = {'vitb16': 'OpenCLIP ViT-B-16', 'r50': 'OpenCLIP timm-resnet50 (registered)', 'cl2l': None}
+    refs = {'vitb16': 'OpenCLIP ViT-B-16', 'vitb16_compile': 'OpenCLIP ViT-B-16 eager',
+            'r50': 'OpenCLIP timm-resnet50 (registered)', 'cl2l': None}
     for name, rows in results.items():
         print(f'\n### {name} (batch {args.batch_size})')
         print_table(rows, args.batch_size, best_peak, refs[name])
@@ -550,6 +593,13 @@ def main(argv=None):
               f"{oc['median'] / real['median']:.2f}x with realistic captions "
               f"(best step {oc['min'] / real['min']:.2f}x), {oc['median'] / full['median']:.2f}x with "
               f"all-77-token captions; MFU ours {mfu(real):.0f} %, OpenCLIP {mfu(oc):.0f} %")
+    if 'vitb16_compile' in results:
+        rows = {r['label']: r for r in results['vitb16_compile']}
+        oc, occ, oursc = (rows[k] for k in ('OpenCLIP ViT-B-16 eager', 'OpenCLIP ViT-B-16 compiled',
+                                            'ours ViT-B/16 --compile'))
+        print(f"\nViT-B/16 batch {args.batch_size} samples/s, ours --compile / OpenCLIP (median step): "
+              f"{oc['median'] / oursc['median']:.2f}x vs OpenCLIP eager, "
+              f"{occ['median'] / oursc['median']:.2f}x vs OpenCLIP compiled")
     return results
 
 
