@@ -46,6 +46,7 @@ MAIN_CASES = {   # main.py under torchrun: DDP settings, CPUSyncBatchNorm, accum
                             '--update-freq', '2'],
     'byolip_views': ['--model', 'CL2L_TINYCNN_BYOLIP', '--separate-proj', '--num-augs', '1',
                      '--barlip-hidden-dim', '32', '--siamlip-hidden-dim', '32', '--siamlip-proj-dim', '16'],
+    'clip_compile': ['--compile'],      # torch.compile around DDP, CPUSyncBatchNorm inside
 }
 
 
@@ -65,3 +66,4 @@ def test_torchrun_main_trains(case, tmp_path):
     assert all(torch.isfinite(torch.tensor(s['loss'])) for s in steps)
     ckpt = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)
     assert ckpt['step'] == len(steps)
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
