@@ -528,13 +528,78 @@ def lever_text_length(batch_size, rounds):
     return times
 
 
+def lever_overlap(batch_size, rounds, images=None):
+    """Data loading overlapped with compute: our CLIP_VITS16_CLIP step fed by main.py's own
+    `wds` loader (datasets.build_train_dataset + build_loader, flags parsed by main.py) over
+    generated 500x375 JPEG shards at 224 px, with --workers 0 (load, then compute: serial),
+    1 and 2 (workers prepare the next batches while the step runs), against the same step on
+    batches already in memory (the no-data ceiling). Per setting: samples/s and the time the
+    step loop waits for its next batch."""
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    import data_loader
+    steps = max(3, rounds)
+    images = images or batch_size * (steps + 2)
+    folder = tempfile.mkdtemp(prefix='bench_overlap_')
+    shards = data_loader.write_shards(folder, images, per_shard=max(batch_size, images // 4))
+    root = os.path.join(folder, f'{{00000..{len(shards) - 1:05d}}}.tar')
+    arm = build_ours('CLIP_VITS16_CLIP', [], 'ViT-S/16')
+    cached = []
+
+    def run(workers):
+        args = train_main.parse_args(['--model', 'CLIP_VITS16_CLIP', '--dataset', 'wds', '--root',
+                                      root,
+                                      '--train-num-samples', str(images), '--batch-size',
+                                      str(batch_size), '--workers', str(workers),
+                                      '--wds-shuffle-buffer', '0', '--output-dir', folder])
+        dataset = datasets.build_train_dataset(args, datasets.Tokenizer(77))
+        sampler, loader = datasets.build_loader(dataset, args)
+        sampler.set_epoch(0, start=0)
+        if hasattr(dataset, 'set_epoch'):
+            dataset.set_epoch(0)
+        it, wait, t0, n = iter(loader), 0.0, None, 0
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            batch = next(it)
+            batch.pop('_data', None)
+            batch = engine.to_device(batch, DEVICE)
+            if i == 0:                  # worker start-up and the first batch: not timed
+                t0 = time.perf_counter()
+            else:
+                wait += time.perf_counter() - t
+                n += batch_size
+            if len(cached) < 2:
+                cached.append(batch)
+            arm._step(batch)
+        total = time.perf_counter() - t0
+        del it, loader
+        return n / total, wait / steps, total / steps
+
+    print(f'\n## data loading overlapped with compute: CLIP_VITS16_CLIP, batch {batch_size}, '
+          f'224 px, wds shards of 500x375 JPEGs, {steps} timed steps per setting')
+    rows = {}
+    for workers in (0, 1, 2):
+        rows[f'--workers {workers}'] = run(workers)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        arm._step(cached[i % len(cached)])
+    step_s = (time.perf_counter() - t0) / steps
+    rows['batches in memory (no loading)'] = (batch_size / step_s, 0.0, step_s)
+    print('| setting | samples/s | wait for the next batch (s/step) | step incl. wait (s) | vs --workers 0 |')
+    print('|---|---|---|---|---|')
+    ref = rows['--workers 0'][0]
+    for name, (sps, wait, step) in rows.items():
+        print(f'| {name} | {sps:.2f} | {wait:.3f} | {step:.2f} | {sps / ref:.2f}x |')
+    return rows
+
+
 LEVERS = {'optimizer': lambda a: lever_optimizer(a.lever_rounds),
           'guard': lambda a: lever_guard(a.lever_batch, a.lever_rounds),
           'channels_last': lambda a: lever_channels_last(a.lever_batch, a.lever_rounds),
           'threads': lambda a: lever_threads(a.lever_batch, a.lever_rounds, a.threads),
           'compile': lambda a: lever_compile(a.lever_batch, a.lever_rounds),
           'malloc': lambda a: lever_malloc(a.lever_batch, a.lever_rounds),
-          'text_length': lambda a: lever_text_length(a.lever_batch, a.lever_rounds)}
+          'text_length': lambda a: lever_text_length(a.lever_batch, a.lever_rounds),
+          'overlap': lambda a: lever_overlap(2 * a.lever_batch, 2 * a.lever_rounds)}
 
 
 def get_parser():
