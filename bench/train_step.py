@@ -533,8 +533,8 @@ def lever_overlap(batch_size, rounds, images=None):
     `wds` loader (datasets.build_train_dataset + build_loader, flags parsed by main.py) over
     generated 500x375 JPEG shards at 224 px, with --workers 0 (load, then compute: serial),
     1 and 2 (workers prepare the next batches while the step runs), against the same step on
-    batches already in memory (the no-data ceiling). Per setting: samples/s and the time the
-    step loop waits for its next batch."""
+    batches already in memory (the no-data ceiling). Two passes, the second in reverse order;
+    per setting: the median of (wait for the batch + step) and the median wait."""
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
     import data_loader
     steps = max(3, rounds)
@@ -545,9 +545,8 @@ def lever_overlap(batch_size, rounds, images=None):
     arm = build_ours('CLIP_VITS16_CLIP', [], 'ViT-S/16')
     cached = []
 
-    def run(workers):
-        args = train_main.parse_args(['--model', 'CLIP_VITS16_CLIP', '--dataset', 'wds', '--root',
-                                      root,
+    def loaded(workers):
+        args = train_main.parse_args(['--model', 'CLIP_VITS16_CLIP', '--dataset', 'wds', '--root', root,
                                       '--train-num-samples', str(images), '--batch-size',
                                       str(batch_size), '--workers', str(workers),
                                       '--wds-shuffle-buffer', '0', '--output-dir', folder])
@@ -556,39 +555,48 @@ def lever_overlap(batch_size, rounds, images=None):
         sampler.set_epoch(0, start=0)
         if hasattr(dataset, 'set_epoch'):
             dataset.set_epoch(0)
-        it, wait, t0, n = iter(loader), 0.0, None, 0
-        for i in range(steps + 1):
-            t = time.perf_counter()
+        it = iter(loader)
+
+        def next_batch():
             batch = next(it)
             batch.pop('_data', None)
-            batch = engine.to_device(batch, DEVICE)
-            if i == 0:                  # worker start-up and the first batch: not timed
-                t0 = time.perf_counter()
-            else:
-                wait += time.perf_counter() - t
-                n += batch_size
+            return engine.to_device(batch, DEVICE)
+        return next_batch
+
+    def in_memory():
+        i = iter(range(10 ** 9))
+        return lambda: cached[next(i) % len(cached)]
+
+    def run(source, times, waits):
+        next_batch = source()
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            batch = next_batch()
+            wait = time.perf_counter() - t
             if len(cached) < 2:
                 cached.append(batch)
             arm._step(batch)
-        total = time.perf_counter() - t0
-        del it, loader
-        return n / total, wait / steps, total / steps
+            if i:                       # the first batch (worker start-up) is not timed
+                times.append(time.perf_counter() - t)
+                waits.append(wait)
 
     print(f'\n## data loading overlapped with compute: CLIP_VITS16_CLIP, batch {batch_size}, '
-          f'224 px, wds shards of 500x375 JPEGs, {steps} timed steps per setting')
-    rows = {}
-    for workers in (0, 1, 2):
-        rows[f'--workers {workers}'] = run(workers)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        arm._step(cached[i % len(cached)])
-    step_s = (time.perf_counter() - t0) / steps
-    rows['batches in memory (no loading)'] = (batch_size / step_s, 0.0, step_s)
-    print('| setting | samples/s | wait for the next batch (s/step) | step incl. wait (s) | vs --workers 0 |')
+          f'224 px, wds shards of 500x375 JPEGs, 2 x {steps} timed steps per setting')
+    settings = {f'--workers {w}': (lambda w=w: loaded(w)) for w in (0, 1, 2)}
+    settings['batches in memory (no loading)'] = in_memory
+    got = {name: ([], []) for name in settings}
+    run(settings['--workers 0'], [], [])             # fills `cached`, warms the model up
+    for name in [*settings, *reversed(settings)]:
+        run(settings[name], *got[name])
+    print('| setting | step incl. wait, min / median / max (s) | wait for the batch, median (s) | samples/s | vs --workers 0 |')
     print('|---|---|---|---|---|')
-    ref = rows['--workers 0'][0]
-    for name, (sps, wait, step) in rows.items():
-        print(f'| {name} | {sps:.2f} | {wait:.3f} | {step:.2f} | {sps / ref:.2f}x |')
+    ref = statistics.median(got['--workers 0'][0])
+    rows = {}
+    for name, (times, waits) in got.items():
+        med = statistics.median(times)
+        rows[name] = (med, statistics.median(waits))
+        print(f'| {name} | {min(times):.2f} / {med:.2f} / {max(times):.2f} | {rows[name][1]:.3f} | '
+              f'{batch_size / med:.2f} | {ref / med:.2f}x |')
     return rows
 
 
