@@ -78,6 +78,7 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, stop_at):
             assert torch.equal(o1[i][k], o2[i][k]), (i, k)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager():
     """--compile's model: same parameters (state_dict keys unchanged), same loss and gradients
     as the eager model on a batch, to float rounding."""
