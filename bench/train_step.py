@@ -464,14 +464,14 @@ def lever_threads(batch_size, rounds, cores):
     return times
 
 
-def lever_compile(batch_size, rounds):
-    """torch.compile of our ViT-B/16 model (default inductor mode), all-77-token captions so
-    the text length is fixed; compile time = first compiled step minus an eager step."""
+def lever_compile(batch_size, rounds, mode=None):
+    """torch.compile of our ViT-B/16 model (inductor, `mode`: None = default), all-77-token
+    captions so the text length is fixed; compile time = first compiled step minus an eager step."""
     batches = make_batches(batch_size, 224, 2, long=True)
     eager = build_ours('CLIP_VITB16_CLIP', batches, 'eager', **TEXT_B16)
     comp = build_ours('CLIP_VITB16_CLIP', batches, 'compiled', **TEXT_B16)
     model = comp.model
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=mode)
     loss_fn = losses.CLIPLoss()
     opt = train_main.build_optimizer(model, OPT)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
@@ -482,7 +482,7 @@ def lever_compile(batch_size, rounds):
     except Exception as e:              # noqa: BLE001  (report, don't crash the benchmark)
         print(f'\ntorch.compile failed on this CPU: {type(e).__name__}: {str(e)[:300]}')
         return None
-    print(f'\ntorch.compile: first step {t_first:.1f} s (an eager step {t_eager:.1f} s): '
+    print(f'\ntorch.compile (mode {mode or "default"}): first step {t_first:.1f} s (an eager step {t_eager:.1f} s): '
           f'compile time ~{t_first - t_eager:.0f} s')
     times = _median_times({'eager': eager.step, 'torch.compile': comp.step}, rounds)
     _lever_rows(f'ViT-B/16 training step, batch {batch_size}, 77 tokens', times, 'eager')
@@ -604,7 +604,7 @@ LEVERS = {'optimizer': lambda a: lever_optimizer(a.lever_rounds),
           'guard': lambda a: lever_guard(a.lever_batch, a.lever_rounds),
           'channels_last': lambda a: lever_channels_last(a.lever_batch, a.lever_rounds),
           'threads': lambda a: lever_threads(a.lever_batch, a.lever_rounds, a.threads),
-          'compile': lambda a: lever_compile(a.lever_batch, a.lever_rounds),
+          'compile': lambda a: lever_compile(a.lever_batch, a.lever_rounds, a.compile_mode),
           'malloc': lambda a: lever_malloc(a.lever_batch, a.lever_rounds),
           'text_length': lambda a: lever_text_length(a.lever_batch, a.lever_rounds),
           'overlap': lambda a: lever_overlap(2 * a.lever_batch, 2 * a.lever_rounds)}
@@ -624,6 +624,9 @@ def get_parser():
                    help='measure speed levers instead of the configs (no value: all)')
     p.add_argument('--lever-batch', type=int, default=8)
     p.add_argument('--lever-rounds', type=int, default=4)
+    p.add_argument('--compile-mode', default=None,
+                   help='torch.compile mode of the compile lever (default, reduce-overhead, '
+                        'max-autotune-no-cudagraphs, ...)')
     return p
 
 
