@@ -281,7 +281,7 @@ def resolve_args(args):
         raise ValueError(f"--finetune: no such file {args.finetune!r}")
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no such file {args.resume!r}")
-    if getattr(args, 'compile', False) and not any(shutil.which(c) for c in CXX_COMPILERS):
+    if args.compile and not any(shutil.which(c) for c in CXX_COMPILERS):
         raise ValueError("--compile needs a C++ compiler for torch.compile's generated kernels "
                          f"(none of {', '.join(CXX_COMPILERS)} on PATH); install g++ or drop --compile")
 
@@ -450,7 +450,6 @@ def main(argv=None, args=None):
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
             find_unused_parameters=unused, static_graph=not unused and args.update_freq == 1)
-    step_model = compile_for_training(model) if args.compile else model
     wandb_run = init_wandb(args)
 
     if args.evaluate:
@@ -501,6 +500,7 @@ def main(argv=None, args=None):
                   f"rerun the same command to resume")
             state.stop = True
 
+    step_model = compile_for_training(model) if args.compile else model
     reducer = None
     if args.text_reduction != 'none':
         reducer = text_reduction.TextReducer(args.text_reduction, args.text_context, tokenizer).apply

@@ -323,10 +323,10 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- CLIP
 
 @torch.compiler.disable
-def _trimmed_length(eot, context, multiple=1):
-    """Tokens to keep: up to the last EOT of the batch, rounded up to `multiple`. A data-
-    dependent size, so under --compile it runs eagerly (one clean graph break)."""
-    return min(-(-(int(eot.max()) + 1) // multiple) * multiple, context)
+def _trimmed_length(eot):
+    """Tokens to keep: up to the last EOT of the batch. A data-dependent size, so under
+    --compile it runs eagerly (one clean graph break)."""
+    return int(eot.max()) + 1
 
 
 class CLIP(nn.Module):
@@ -361,7 +361,6 @@ class CLIP(nn.Module):
             self.transformer = Transformer(text_cfg, head_cfg.text_dropout_prob,
                                            head_cfg.text_drop_path_prob)
             self.ln_final = nn.LayerNorm(text_cfg.width)
-        self.text_length_multiple = 1      # trimmed text length rounded up to this (bench lever)
         self.text_projection = nn.Parameter(torch.empty(text_cfg.width, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.logit_scale_init)))
         if method_cfg.logit_bias_init is not None:
@@ -398,7 +397,7 @@ class CLIP(nn.Module):
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
-        length = _trimmed_length(eot, text.shape[1], self.text_length_multiple)
+        length = _trimmed_length(eot)
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x, local))                   # [B, L, width]
         return x[torch.arange(x.shape[0], device=x.device), eot]        # [B, width]

@@ -16,6 +16,7 @@ backward; elementwise ops and the optimizer are not counted); the fp32 GEMM peak
 of several large torch.mm runs, measured between rounds of the same run.
 """
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -153,8 +154,10 @@ def ours_step_fn(model, loss_fn, optimizer, scaler, momentum=0.99, guard=True):
     return step
 
 
-def build_ours(name, batches, label=None, checkpoint_grad=False, compile_like=None, **overrides):
-    """`compile_like`: the eager arm this one is the main.py --compile twin of."""
+def build_ours(name, batches, label=None, checkpoint_grad=False, compile_like=None,
+               compile_mode=None, **overrides):
+    """`compile_like`: the eager arm this one is the main.py --compile twin of (`compile_mode`:
+    another torch.compile mode than main.py's default)."""
     torch.manual_seed(0)
     model = models.create_model(name, **overrides).train()
     if checkpoint_grad:
@@ -165,7 +168,10 @@ def build_ours(name, batches, label=None, checkpoint_grad=False, compile_like=No
         loss_fn = losses.CLIPLoss()
     optimizer = train_main.build_optimizer(model, OPT)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    step_model = train_main.compile_for_training(model) if compile_like else model
+    step_model = model
+    if compile_like:
+        step_model = (train_main.compile_for_training(model) if compile_mode is None
+                      else torch.compile(model, mode=compile_mode))
     return Arm(label or f'ours {name}', ours_step_fn(step_model, loss_fn, optimizer, scaler),
                batches, model, compile_like)
 
@@ -469,13 +475,8 @@ def lever_compile(batch_size, rounds, mode=None):
     captions so the text length is fixed; compile time = first compiled step minus an eager step."""
     batches = make_batches(batch_size, 224, 2, long=True)
     eager = build_ours('CLIP_VITB16_CLIP', batches, 'eager', **TEXT_B16)
-    comp = build_ours('CLIP_VITB16_CLIP', batches, 'compiled', **TEXT_B16)
-    model = comp.model
-    compiled = torch.compile(model, mode=mode)
-    loss_fn = losses.CLIPLoss()
-    opt = train_main.build_optimizer(model, OPT)
-    scaler = torch.amp.GradScaler('cpu', enabled=False)
-    comp._step = ours_step_fn(compiled, loss_fn, opt, scaler)
+    comp = build_ours('CLIP_VITB16_CLIP', batches, 'compiled', compile_like=eager,
+                      compile_mode=mode, **TEXT_B16)
     t_eager = eager.step()
     try:
         t_first = comp.step()
@@ -512,17 +513,23 @@ def lever_text_length(batch_size, rounds):
     varies per batch) vs that length rounded up to a multiple of 8 / 16 (fewer distinct
     shapes for the kernels) vs all 77 tokens; exact either way (causal + EOT pooling)."""
     arm = build_ours('CLIP_VITB16_CLIP', make_batches(batch_size, 224, 4), **TEXT_B16)
+    exact = models._trimmed_length
 
     def multiple(m):
+        def rounded(eot):               # models.py's trim, rounded up to a multiple of m
+            return min(-(-exact(eot) // m) * m, 77)
+
         def f():
-            arm.model.text_length_multiple = m
-            arm.step()
+            models._trimmed_length = rounded
+            try:
+                arm.step()
+            finally:
+                models._trimmed_length = exact
         return f
     fns = {'exact (longest caption)': multiple(1), 'multiple of 8': multiple(8),
            'multiple of 16': multiple(16), 'all 77 tokens': multiple(77)}
     print(f'\ntrimmed lengths of the pool: {token_stats(arm.batches)[1]}')
     times = _median_times(fns, rounds)
-    arm.model.text_length_multiple = 1
     _lever_rows(f'ViT-B/16 training step, batch {batch_size}, realistic captions', times,
                 'exact (longest caption)')
     return times
@@ -564,8 +571,8 @@ def lever_overlap(batch_size, rounds, images=None):
         return next_batch
 
     def in_memory():
-        i = iter(range(10 ** 9))
-        return lambda: cached[next(i) % len(cached)]
+        batches = itertools.cycle(cached)
+        return lambda: next(batches)
 
     def run(source, times, waits):
         next_batch = source()
