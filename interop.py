@@ -594,6 +594,21 @@ def _vit_to_openclip(tower_sd, tower):
     return out
 
 
+def openclip_export_name(model_name, requested=None):
+    """The name an OpenCLIP export is registered under (DIR/NAME.json). open_clip.get_tokenizer
+    (3.x) gives a registered name containing 'siglip' (any case) SigLIP's sentencepiece
+    tokenizer, reads 'hf-hub:' / 'local-dir:' as a source, and (never written by to_openclip)
+    an HF tokenizer to a text_cfg with hf_tokenizer_name. Our models read CLIP's BPE, so our
+    name is kept with 'SIGLIP' written 'SIG-LIP', and such a --name is refused."""
+    if requested is None:
+        return re.sub('siglip', lambda m: m.group()[:3] + '-' + m.group()[3:], model_name, flags=re.I)
+    if 'siglip' in requested.lower() or re.search(r'[:/\\]', requested):
+        raise ValueError(f"--name {requested!r}: open_clip.get_tokenizer gives a name containing 'siglip' "
+                         f"SigLIP's tokenizer and reads ':' as a schema ('/' makes a folder), but our models "
+                         f"use CLIP's BPE tokenizer; pick another name, e.g. {openclip_export_name(model_name)!r}")
+    return requested
+
+
 def write_openclip(out_dir, name, cfg, state, image_size):
     """DIR/NAME.json (open_clip.add_model_config), DIR/open_clip_config.json (local-dir:DIR) and
     DIR/open_clip_pytorch_model.bin (torch.save of the state dict) -> the weights path."""
@@ -906,7 +921,9 @@ def get_args_parser():
     exp.add_argument('--checkpoint', required=True, help='a checkpoint written by main.py or interop.py import')
     exp.add_argument('--to', default='openclip', choices=['openclip', 'cliprocket', 'slip'])
     exp.add_argument('--out', required=True, help='openclip: a directory; cliprocket / slip: a .pt file')
-    exp.add_argument('--name', default=None, help='OpenCLIP config name (default: our model name)')
+    exp.add_argument('--name', default=None, help="OpenCLIP config name (default: our model name, 'SIGLIP' "
+                                                  "written 'SIG-LIP' so that open_clip.get_tokenizer gives "
+                                                  "the CLIP BPE tokenizer)")
     return parser
 
 
@@ -922,8 +939,11 @@ def main(argv=None):
         else:
             model, ckpt = load_ours(args.checkpoint)
             if args.to == 'openclip':
+                name = openclip_export_name(ckpt['model_name'], args.name)
                 cfg, state, notes = to_openclip(model)
-                name = args.name or ckpt['model_name']
+                if args.name is None and name != ckpt['model_name']:
+                    notes.append(f"named {name}, not {ckpt['model_name']}: open_clip.get_tokenizer gives names "
+                                 f"containing 'siglip' SigLIP's tokenizer; this model reads CLIP's BPE")
                 path = write_openclip(args.out, name, cfg, state, model.image_size)
                 print(f"wrote {path}, {args.out}/{name}.json and {args.out}/open_clip_config.json\n"
                       f"  open_clip.create_model('local-dir:{args.out}')\n"

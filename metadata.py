@@ -229,14 +229,24 @@ def _load_pickle_or_npy(path, suffix, allow_pickle):
         except ValueError as e:
             if 'allow_pickle' not in str(e):
                 raise DataError(f"metadata {path}: not a NumPy array ({e})") from None
+    convert = f"convert it once with `python make_dataset.py convert {path} OUT.npz --allow-pickle`"
+    if suffix == '.npy':
+        require_pickle_allowed(path, allow_pickle, convert)
+        return np.load(path, allow_pickle=True)
+    return load_pickle(path, allow_pickle, convert)
+
+
+def require_pickle_allowed(path, allow_pickle, convert):
+    """A pickle runs code when loaded: refuse it without --allow-pickle, warn with it."""
     if not allow_pickle:
         raise DataError(f"metadata {path} is a pickle (loading it can run arbitrary code): pass "
-                        f"--allow-pickle if you trust it, or convert it once with "
-                        f"`python make_dataset.py convert {path} OUT.npz --allow-pickle`")
-    warnings.warn(f"loading pickled metadata {path} (--allow-pickle): this can run code; "
-                  f"convert it to .npz with make_dataset.py")
-    if suffix == '.npy':
-        return np.load(path, allow_pickle=True)
+                        f"--allow-pickle if you trust it, or {convert}")
+    warnings.warn(f"loading pickled metadata {path} (--allow-pickle): this can run code; {convert}")
+
+
+def load_pickle(path, allow_pickle, convert):
+    """A trusted pickle (see require_pickle_allowed); `convert` says how to avoid pickles."""
+    require_pickle_allowed(path, allow_pickle, convert)
     with open(path, 'rb') as f:
         return pickle.load(f)
 

@@ -1,6 +1,7 @@
 """Streaming readers over tar archives: `wds` (WebDataset shards as img2dataset writes them:
 KEY.jpg/.png/.webp + KEY.txt [+ KEY.json]) and `tarpairs` (RangeAugment's .tar.gz archives of
-ID_image / ID_text members, listed by a metadata dict {'0-1000': '00000000_0_1000.tar.gz'}).
+ID_image / ID_text members, listed by a metadata dict: cvnets' {0: '00000000_0_1000.tar.gz', ...,
+-1: total pairs} or its README's {'0-1000': '00000000_0_1000.tar.gz'}).
 
 Order and resume (shard-exact): each epoch the shard list is permuted by (seed, epoch) and
 split across ranks and then across the DataLoader workers (or, with fewer shards than
@@ -28,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from decode import Skip, clean_captions, decode_image
-from metadata import DataError
+from metadata import PICKLE_SUFFIXES, DataError, _describe, load_pickle
 from readers import PRINT_FIRST, PROBE, collate, mix_seed, mix_seeds
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'image')
@@ -36,7 +37,10 @@ TEXT_EXTS = ('txt', 'text')
 WDS_LAYOUT = ("--root 'shards/{00000..01023}.tar' (brace pattern, '::'-separated lists, or a "
               "folder of .tar) with members KEY.jpg/.png/.webp and KEY.txt")
 TARPAIRS_LAYOUT = ("--root DIR holding the .tar.gz archives (members ID_image, ID_text) and --metadata "
-                   "a JSON dict {'0-1000': '00000000_0_1000.tar.gz', ...} (id range -> archive)")
+                   "the dict cvnets pickles, {0: '00000000_0_1000.tar.gz', 1000: '00000000_1000_2000.tar.gz', "
+                   "..., -1: TOTAL_PAIRS} (start id -> archive, ascending from 0; a pickle needs "
+                   "--allow-pickle, in JSON the keys are strings), or {'0-1000': '00000000_0_1000.tar.gz', ...} "
+                   "(id range -> archive)")
 
 
 class StreamReader(IterableDataset):
@@ -51,6 +55,8 @@ class StreamReader(IterableDataset):
         self.num_batches = num_samples // (world * batch_size)
         self.shared = mp.RawArray('q', 2)          # (epoch, start) seen by persistent workers
         self._pending, self._printed = [], 0
+        self._reads = 0                            # shard reads started by this process
+        self._reading = self._counted = None       # (read number, url, counts) being read / last counted
 
     # -- driven by datasets.StreamControl (the sampler main.py sees)
     def set_position(self, epoch, start=0):
@@ -94,7 +100,7 @@ class StreamReader(IterableDataset):
                 order = random.Random(mix_seed(self.seed, epoch, rnd)).sample(self.shards, len(self.shards))
                 urls = order[me::streams] if by_shard else order
             samples = wds.tarfile_to_samples(handler=self._bad_shard, rename_files=self.rename)(
-                iter([dict(url=u) for u in urls]))
+                self._sources(urls, by_shard, streams, me))
             if not by_shard:                         # fewer shards than streams: split samples
                 samples = (x for n, x in enumerate(samples) if n % streams == me)
             if self.shuffle_buffer > 1:
@@ -154,12 +160,27 @@ class StreamReader(IterableDataset):
         image, note = decode_image(raw_sample[image_ext], f'{where}.{image_ext}', self.opts)
         return image, captions, notes + ([note] if note else [])
 
+    def _sources(self, urls, by_shard, streams, me):
+        """webdataset's source dicts, noting which shard it reads: it opens the next one only
+        when done with the current one. Without by_shard every stream reads every shard, and
+        stream k counts the bad ones at positions k, k + streams, ... (each once)."""
+        for n, url in enumerate(urls):
+            self._reads += 1
+            self._reading = (self._reads, url, by_shard or n % streams == me)
+            yield dict(url=url)
+
     def _bad_shard(self, exn):
-        """webdataset error handler: a truncated / corrupt tar is counted and skipped."""
-        self._pending.append('bad_shard')
-        texts = [a for a in getattr(exn, 'args', ()) if isinstance(a, str)]
-        url = next((a for a in reversed(texts) if a in self.shards), '?')
-        self._print(f"bad_shard: {url} ({texts[0] if texts else type(exn).__name__})")
+        """webdataset error handler: a truncated / corrupt tar is counted once per read and
+        skipped. (One truncated member reaches it twice: from the member read, then from
+        the tar expander that the same broken stream fails again.)"""
+        if self._reading == self._counted:
+            return True
+        self._counted = self._reading
+        _, url, counts = self._reading
+        if counts:
+            self._pending.append('bad_shard')
+            texts = [a for a in getattr(exn, 'args', ()) if isinstance(a, str)]
+            self._print(f"bad_shard: {url} ({texts[0] if texts else type(exn).__name__})")
         return True
 
     def _print(self, e):
@@ -236,30 +257,76 @@ def count_samples(shards):
 
 
 def tarpairs_shards(root, metadata, allow_pickle):
-    """The metadata dict {'0-1000': 'x.tar.gz', ...} -> (archive paths, number of pairs)."""
+    """The metadata dict (either form in TARPAIRS_LAYOUT) -> (archive paths in id order,
+    number of pairs)."""
+    ranges = tarpairs_ranges(_read_tarpairs_metadata(metadata, allow_pickle), f"tarpairs {metadata}")
+    return [os.path.join(root, a) for _, _, a in ranges], sum(end - start for start, end, _ in ranges)
+
+
+def _read_tarpairs_metadata(metadata, allow_pickle):
+    """The dict in a JSON file or a pickle (cvnets pickles it under any name: told apart by
+    the PROTO opcode b'\\x80' that starts every pickle of protocol 2 or later)."""
     if not os.path.isfile(metadata):
         raise DataError(f"tarpairs: metadata file not found: {metadata!r}; expected {TARPAIRS_LAYOUT}")
-    if metadata.endswith(('.pkl', '.pickle')):
-        from metadata import _load_pickle_or_npy
-        table = _load_pickle_or_npy(metadata, '.pkl', allow_pickle)
-    else:
-        try:
-            with open(metadata, encoding='utf-8') as f:
-                table = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"tarpairs {metadata}: not JSON ({e}); expected {TARPAIRS_LAYOUT}") from None
+    with open(metadata, 'rb') as f:
+        is_pickle = f.read(1) == b'\x80' or metadata.endswith(PICKLE_SUFFIXES)
+    try:
+        if is_pickle:
+            return load_pickle(metadata, allow_pickle, "save the same dict as JSON")
+        with open(metadata, encoding='utf-8') as f:
+            return json.load(f)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- truncated pickle, bad JSON, not UTF-8, ...
+        first = (str(e).splitlines() or [''])[0][:120]
+        raise DataError(f"tarpairs {metadata}: cannot read it as {'a pickle' if is_pickle else 'JSON'} "
+                        f"({type(e).__name__}: {first}); expected {TARPAIRS_LAYOUT}") from None
+
+
+def tarpairs_ranges(table, where):
+    """Either metadata form -> [(first id, end id (exclusive), archive)] in id order."""
+    if not isinstance(table, dict) or not table:
+        raise DataError(f"{where}: wrong structure (got {_describe(table)}); expected {TARPAIRS_LAYOUT}")
+    if all(_start_id(k) is not None for k in table):
+        return _start_id_ranges({_start_id(k): v for k, v in table.items()}, where)
     ranges = []
-    for key, archive in (table.items() if isinstance(table, dict) else []):
-        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', str(key))
-        if not m or not isinstance(archive, str) or int(m.group(2)) < int(m.group(1)):
-            ranges = None
-            break
-        ranges.append((int(m.group(1)), int(m.group(2)), archive))
-    if not ranges:
-        raise DataError(f"tarpairs {metadata}: wrong structure (got {type(table).__name__}); "
+    for key, archive in table.items():
+        m = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', key) if isinstance(key, str) else None
+        if not m or int(m.group(2)) < int(m.group(1)):
+            raise DataError(f"{where}: keys must be all integer start ids (plus -1: total pairs) or all "
+                            f"id ranges 'a-b', got {key!r}; expected {TARPAIRS_LAYOUT}")
+        ranges.append((int(m.group(1)), int(m.group(2)), _archive(key, archive, where)))
+    return sorted(ranges)
+
+
+def _start_id_ranges(table, where):
+    """cvnets' form {start id: archive, ..., -1: total pairs}. cvnets finds the archive of
+    sample i by searchsorted over the keys in dict order (so they must ascend from 0); archive
+    k holds ids [key_k, key_k+1), the last one up to the total."""
+    total = table.pop(-1, None)
+    if not isinstance(total, (int, np.integer)) or isinstance(total, bool):
+        raise DataError(f"{where}: integer start-id keys need the entry -1: <total pairs> (an integer), "
+                        f"got {_describe(total)}; expected {TARPAIRS_LAYOUT}")
+    starts = list(table)
+    if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or total <= starts[-1]:
+        raise DataError(f"{where}: start ids must ascend from 0 in file order and stay below the "
+                        f"total -1: {total} (got {_describe(starts)}); expected {TARPAIRS_LAYOUT}")
+    ends = starts[1:] + [int(total)]
+    return [(a, b, _archive(a, table[a], where)) for a, b in zip(starts, ends)]
+
+
+def _start_id(key):
+    """An integer key (int, NumPy integer, or a JSON object's '123' / '-1') -> int, else None."""
+    if isinstance(key, str) and re.fullmatch(r'-?\d+', key.strip()):
+        return int(key)
+    return int(key) if isinstance(key, (int, np.integer)) and not isinstance(key, bool) else None
+
+
+def _archive(key, archive, where):
+    if not isinstance(archive, str) or not archive:
+        raise DataError(f"{where}: the archive of {key!r} is {_describe(archive)}, not a file name; "
                         f"expected {TARPAIRS_LAYOUT}")
-    ranges.sort()
-    return [os.path.join(root, a) for _, _, a in ranges], sum(b - a for a, b, _ in ranges)
+    return archive
 
 
 def tarpairs_rename(name):

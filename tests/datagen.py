@@ -308,9 +308,11 @@ def write_wds(root, sample_specs, shards=4, stats=False):
     return ['--dataset', 'wds', '--root', os.path.join(root, '{00000..%05d}.tar' % (shards - 1))]
 
 
-def write_tarpairs(root, sample_specs, per_archive=50):
+def write_tarpairs(root, sample_specs, per_archive=50, form='ranges', meta_name=None):
     """RangeAugment: root/00000000_<a>_<b>.tar.gz with members 00000000_<id>_image / _text,
-    and metadata.json {'a-b': archive}."""
+    and the metadata dict of `form`: 'ranges' = its README's {'a-b': archive} as metadata.json;
+    'cvnets' = what cvnets' img_text_tar code reads: {a: archive, ..., -1: total pairs}
+    pickled (pickle.dump, default protocol) as metadata.pkl."""
     os.makedirs(root, exist_ok=True)
     table = {}
     for a in range(0, len(sample_specs), per_archive):
@@ -322,10 +324,15 @@ def write_tarpairs(root, sample_specs, per_archive=50):
                 for suffix, data in (('image', image_bytes(kind, i)), ('text', caption_bytes(cap, i))):
                     if data is not None:
                         _add(tar, f'00000000_{i}_{suffix}', data)
-        table[f'{a}-{b}'] = name
-    meta = os.path.join(root, 'metadata.json')
-    with open(meta, 'w') as f:
-        json.dump(table, f)
+        table[a if form == 'cvnets' else f'{a}-{b}'] = name
+    meta = os.path.join(root, meta_name or ('metadata.pkl' if form == 'cvnets' else 'metadata.json'))
+    if form == 'cvnets':
+        table[-1] = len(sample_specs)
+        with open(meta, 'wb') as f:
+            pickle.dump(table, f)
+    else:
+        with open(meta, 'w') as f:
+            json.dump(table, f)
     return ['--dataset', 'tarpairs', '--root', root, '--metadata', meta]
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import eval_zeroshot
 import interop
 import models
+import towers
 import utils
 
 TOL = 1e-5
@@ -328,3 +329,68 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match='needs --openclip-model'):
         interop.main(['import', '--from', 'openclip', '--checkpoint', str(tmp_path / 'plain.pt'),
                       '--model', 'CLIP_TINYVIT_CLIP', '--out', str(tmp_path / 'o.pt')])
+
+
+# ----------------------------------------------------------------------------- export names
+
+def _export_config(name):
+    """The OpenCLIP config `interop.py export` writes for the registered model `name` (built on
+    the meta device, then given uninitialised storage: no weights are computed), or None when
+    export refuses the model."""
+    with torch.device('meta'):
+        model = models.create_model(name)
+    model.to_empty(device='cpu')
+    for param in (p for n, p in model.named_parameters() if n.startswith('logit_')):
+        param.data.zero_()                                  # written into the config (init_logit_bias)
+    try:
+        return interop.to_openclip(model)[0]
+    except ValueError:
+        return None
+
+
+@pytest.mark.slow
+def test_every_exportable_model_gets_the_clip_tokenizer_in_open_clip(tmp_path):
+    """open_clip.get_tokenizer(NAME) picks SigLIP's sentencepiece tokenizer for any registered
+    name containing 'siglip' (offline: an error; online: another vocabulary). Every registered
+    model that export supports, its config registered as export tells users
+    (add_model_config(DIR/NAME.json)), gets CLIP's BPE tokenizer with our tokens."""
+    caption = ['A SigLIP-style photo of a dog &amp; two cats, taken in 2024!']
+    exported = []
+    for name in models.list_models():
+        cfg = _export_config(name)
+        if cfg is None:
+            continue
+        oc_name = interop.openclip_export_name(name)
+        (tmp_path / f'{oc_name}.json').write_text(json.dumps(cfg))
+        open_clip.add_model_config(str(tmp_path / f'{oc_name}.json'))
+        oc_tokenizer = open_clip.get_tokenizer(oc_name)
+        assert type(oc_tokenizer) is open_clip.tokenizer.SimpleTokenizer, (name, oc_name, oc_tokenizer)
+        ours = towers.tokenizer_for({'context_length': cfg['text_cfg']['context_length']})   # main.py's
+        assert torch.equal(oc_tokenizer(caption), ours(caption)), name
+        exported.append(name)
+    methods = {n.split('_')[2] for n in exported}
+    assert {'CLIP', 'SIGLIP'} <= methods and len(exported) > len(models.list_models()) // 2, exported
+
+
+def test_siglip_export_names_the_config_for_the_clip_tokenizer(tmp_path, tokenizer, capsys):
+    """End to end: export of a SigLIP-trained model without --name, loaded both ways the export
+    prints, tokenizes like ours; a --name containing 'siglip' is refused in one line."""
+    ours = _randomize(models.create_model('CLIP_TINYVIT_SIGLIP')).eval()
+    interop.save_ours(str(tmp_path / 'ckpt.pt'), ours, 'CLIP_TINYVIT_SIGLIP', {}, {'from': 'test'})
+    out = tmp_path / 'exported'
+    interop.main(['export', '--checkpoint', str(tmp_path / 'ckpt.pt'), '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert "open_clip.create_model('CLIP_TINYVIT_SIG-LIP'" in printed and 'not CLIP_TINYVIT_SIGLIP' in printed
+    open_clip.add_model_config(str(out / 'CLIP_TINYVIT_SIG-LIP.json'))
+    oc = open_clip.create_model('CLIP_TINYVIT_SIG-LIP', pretrained=str(out / 'open_clip_pytorch_model.bin')).eval()
+    _same_outputs(oc, ours, tokenizer, 32)
+    for oc_name in ('CLIP_TINYVIT_SIG-LIP', 'local-dir:' + str(out)):
+        oc_tokenizer = open_clip.get_tokenizer(oc_name)
+        assert type(oc_tokenizer) is open_clip.tokenizer.SimpleTokenizer, oc_name
+        assert torch.equal(oc_tokenizer(['a photo of a cat']), tokenizer(['a photo of a cat']))
+    with pytest.raises(SystemExit) as e:
+        interop.main(['export', '--checkpoint', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path / 'o'),
+                      '--name', 'my-siglip'])
+    message = str(e.value.code)
+    assert message.startswith('interop.py export: error: --name ') and "e.g. 'CLIP_TINYVIT_SIG-LIP'" in message
+    assert '\n' not in message and not os.path.exists(tmp_path / 'o')
