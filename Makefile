@@ -1,29 +1,42 @@
 # make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~5 min), print its zero-shot top-1
 # make test : the whole test suite (unit, integration, system)
 # make bench: training step vs OpenCLIP + MFU, memory, scaling (bench/RESULTS.md; hours on 2 CPU cores); QUICK=1: smoke run, minutes
+# Each first runs the set-up (`make setup`): the Debian packages the suite uses (as root),
+# .venv with requirements.txt, and WordNet for NLTK. Only what is missing is redone.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+WORDNET = $(VENV)/.wordnet
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup system demo test test-fast bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(WORDNET)
 
-$(STAMP): requirements.txt
+# Debian packages (WordNet, Slurm + munge, g++): checked at every make (a quick look for the
+# files), installed with apt-get only when missing, e.g. on a new machine with an old .venv
+system:
+	@bash tools/setup_system.sh
+
+$(STAMP): requirements.txt | system
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) tools/setup_wordnet.py || echo "warning: no WordNet; --text-augment will refuse to start (see tools/setup_wordnet.py)"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# NLTK's WordNet (--text-augment, --text-reduction syntax): the stamp is written only when it
+# works, so a failed attempt is tried again by the next make
+$(WORDNET): $(STAMP) tools/setup_wordnet.py | system
+	$(PY) tools/setup_wordnet.py && touch $(WORDNET) || \
+	  echo "warning: no WordNet: --text-augment refuses to start and the tests that need it skip (see tools/setup_wordnet.py)"
+
+demo: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) main.py
 
-test: $(STAMP)
+test: setup
 	WANDB_MODE=offline $(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: setup
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 BENCH_FLAGS = $(if $(QUICK),--quick,)

@@ -9,7 +9,7 @@ sets (`ShapesLabels`, evalsets.py) deliver normalised float32 images.
     >>> sampler, loader = build_loader(dataset, args)
 
 Formats: shapes (generated), yfcc15m, cc3m, cc12m, merged (alias merged_opendata), wds,
-tarpairs, csv, coco, folder -- layouts in README.md "## Data".
+tarpairs, csv, coco, folder -- layouts in docs/data.md.
 """
 import itertools
 import math
@@ -281,9 +281,9 @@ def resolve_data_args(args):
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     needs = NEEDS.get(args.dataset, '')
     if 'r' in needs and not args.root:
-        raise ValueError(f"--dataset {args.dataset} needs --root (see README, section Data)")
+        raise ValueError(f"--dataset {args.dataset} needs --root (see docs/data.md)")
     if 'm' in needs and not args.metadata:
-        raise ValueError(f"--dataset {args.dataset} needs --metadata (see README, section Data)")
+        raise ValueError(f"--dataset {args.dataset} needs --metadata (see docs/data.md)")
     if args.dataset == 'merged' and len(args.root.split(MERGE_SEP)) != len(args.metadata.split(MERGE_SEP)):
         raise ValueError(f"--dataset merged: --root and --metadata need as many '{MERGE_SEP}'-separated "
                          f"entries, got {args.root!r} and {args.metadata!r}")

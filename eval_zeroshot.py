@@ -8,7 +8,7 @@ several resolutions, text features cached on disk, CLIP_benchmark-compatible res
 
 Every catalog entry present under --data-root is evaluated; a missing one is reported as
 `skipped: not found at PATH` and the sweep continues. Writes one JSON per (model, dataset,
-resolution) with CLIP_benchmark's keys (`clip_benchmark build DIR/*.json` merges them), a CSV,
+resolution) with CLIP_benchmark's keys (`python -m clip_benchmark.cli build DIR/*.json` merges them), a CSV,
 and prints a summary table.
 """
 import argparse

@@ -12,7 +12,7 @@ An imported checkpoint holds `model`, `model_name` and `args` (the model flags),
 `eval_zeroshot.py --resume` and `main.py --finetune` read. Files are read without running code:
 torch files with weights_only=True (argparse.Namespace allowed: upstream checkpoints keep their
 args in one), OpenAI's TorchScript archives by an unpickler that only rebuilds tensors.
-README.md, section "Checkpoint interop", says what maps exactly and what is refused.
+docs/interop.md says what maps exactly and what is refused.
 """
 import argparse
 import collections
@@ -889,7 +889,7 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
         notes = load_upstream(model, state, meta['momentum'], layout)
     if flags.get('text_act') == 'quick_gelu' and models.BACKBONES.get(name.split('_')[1]).text.act != 'quick_gelu':
         notes.append("QuickGELU text tower (text_act in the checkpoint's args; eval_zeroshot.py reads it): "
-                     "main.py has no flag for it, so main.py --finetune would build GELU")
+                     "fine-tune with main.py --finetune ... --text-act quick_gelu (without it main.py builds GELU)")
     model.model_name = name
     return model.eval(), name, flags, notes
 

@@ -3,7 +3,7 @@
     python main.py                                   # the demo: a small CLIP on `shapes`, CPU, ~5 min
     torchrun --nproc_per_node 2 main.py --model CLIP_VITB16_CLIP --dataset ... --output-dir runs/x
 
-Every flag is documented in `python main.py --help` and in README.md.
+Every flag is documented in `python main.py --help` and in docs/flags.md.
 """
 import argparse
 import hashlib
@@ -123,7 +123,7 @@ def get_args_parser():
 
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default='shapes', help='training set (registered: %s; upstream alias '
-                   'merged_opendata = merged); layouts in README, section Data' % ', '.join(datasets.DATASETS))
+                   'merged_opendata = merged); layouts in docs/data.md' % ', '.join(datasets.DATASETS))
     g.add_argument('--root', default='', help='dataset root directory (real datasets)')
     g.add_argument('--metadata', default='', help='dataset metadata file (real datasets)')
     g.add_argument('--shapes-num-train', type=int, default=40000, help='size of the generated shapes training set')

@@ -82,7 +82,7 @@ for _name, _cfg in {
     'VITB16': BackboneCfg('vit_base_patch16_224', takes_img_size=True, min_image_size=16),
     'VITB32': BackboneCfg('vit_base_patch32_224', takes_img_size=True, min_image_size=32),
     'VITL16': BackboneCfg('vit_large_patch16_224', takes_img_size=True, min_image_size=16),
-    # small presets for the demo and the tests (see ENVIRONMENT.md's calibration note)
+    # small presets for the demo and the tests (sized so that `make demo` learns shape in ~5 CPU minutes)
     'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
                            channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
                            heads=_TINY_HEADS),
@@ -200,8 +200,8 @@ def create_model_from_flags(name, flags):
 class TinyCNN(nn.Module):
     """The demo's image tower: a plain 4-stage CNN with global average pooling.
 
-    timm has nothing this small; measured here (ENVIRONMENT.md), it learns shape on `shapes`
-    in a few CPU-minutes where a tiny ViT or a 1-block-per-stage ResNet learn too slowly.
+    timm has nothing this small; in the runs that sized the demo on a 2-core CPU it learned shape
+    on `shapes` in a few CPU-minutes where a tiny ViT or a 1-block-per-stage ResNet learned too slowly.
     """
 
     def __init__(self, widths=(16, 32, 64, 128)):

@@ -7,7 +7,7 @@ OpenCLIP's `--lock-image` / `--lock-text` and train-CLIP's CustomCLIPWrapper.
         --text-tower ./bert-mini --lock-image --lock-image-unlocked-groups 1 --lock-text
 
 Nothing is downloaded: weights, configs and tokenizer files are read from local paths only.
-README.md, section "Pretrained and locked towers", says what is tested.
+docs/training-features.md, section "Pretrained and locked towers", says what is tested.
 """
 import json
 import os
@@ -28,7 +28,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.ind
 
 def add_args(parser):
     """The tower flags, one argument group of main.py's parser."""
-    g = parser.add_argument_group('pretrained and locked towers (README: "Pretrained and locked towers")')
+    g = parser.add_argument_group('pretrained and locked towers (docs/training-features.md)')
     g.add_argument('--image-tower', default=None, metavar='TIMM_NAME',
                    help='any timm model as the image tower, replacing the <backbone> of --model '
                         '(which still sets the text tower, embed dim and head sizes), e.g. resnet18')

@@ -1,7 +1,7 @@
 """Chaos: SIGKILL a small `shapes` training at random moments (the whole process group, or
 only a data-loader worker), restart the same command each time, and check the final weights
 and optimizer state are bit-identical to an uninterrupted run. Prints the figures recorded in
-RELIABILITY.md: kills survived, kills that landed inside a checkpoint write, steps recomputed.
+docs/reliability.md: kills survived, kills that landed inside a checkpoint write, steps recomputed.
 
     CHAOS_KILLS=20 python -m pytest -q tests/test_chaos.py -s
 """

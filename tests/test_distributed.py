@@ -51,7 +51,8 @@ MAIN_CASES = {   # main.py under torchrun: DDP settings, CPUSyncBatchNorm, accum
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('case', list(MAIN_CASES))
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.needs('cxx')) if '--compile' in MAIN_CASES[c]
+                                  else c for c in MAIN_CASES])
 def test_torchrun_main_trains(case, tmp_path):
     import json
     out = str(tmp_path / 'out')

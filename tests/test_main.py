@@ -78,6 +78,7 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, stop_at):
             assert torch.equal(o1[i][k], o2[i][k]), (i, k)
 
 
+@pytest.mark.needs('cxx')
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     """--compile's model: same parameters (state_dict keys unchanged), same loss and gradients
@@ -104,6 +105,7 @@ def test_compiled_step_matches_eager():
         assert (a - b).norm() <= 1e-4 * a.norm() + 1e-9, name
 
 
+@pytest.mark.needs('cxx')
 @pytest.mark.slow
 def test_compile_trains_saves_eager_keys_and_resumes(tmp_path):
     """--compile end to end: the step really runs through torch.compile, the checkpoint holds the

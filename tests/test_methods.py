@@ -243,6 +243,7 @@ def test_ema_teacher_update_is_exact():
 
 # ----------------------------------------------------------------------------- text views
 
+@pytest.mark.needs('wordnet')
 def test_eda_changes_text_and_is_seeded():
     aug = augment.TextAugment(remove_stopwords_prob=0.0, weights=(1.0, 0.0, 0.0, 0.0))
     text = 'a small red triangle in the top left corner'
@@ -283,6 +284,7 @@ class _WordNetLookups(torch.utils.data.Dataset):
         return sum(any(s is None for s in wordnet.synsets(w)) for w in self.WORDS)
 
 
+@pytest.mark.needs('wordnet')
 def test_loader_workers_read_wordnet_without_sharing_file_offsets():
     # the parent has WordNet's data files open (probing a sample does that); forked workers
     # inherit them with a shared offset unless the worker_init_fn drops them. Without it this
@@ -306,6 +308,7 @@ def datasets_loader_uses_it():
     return loader.worker_init_fn is augment.fresh_wordnet_files
 
 
+@pytest.mark.needs('wordnet')
 def test_sample_builder_views_are_deterministic(tokenizer):
     args = train.parse_args(['--model', 'CL2L_TINYCNN_CL2L', '--text-augment', '--num-augs', '3'])
     build = augment.SampleBuilder.from_args(args, tokenizer, plain_images=True)

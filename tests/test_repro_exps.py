@@ -42,7 +42,7 @@ SCRIPTS = ('run_with_submitit.py', 'eval_zeroshot.py')
 VARIABLES = ('DATA', 'EVAL_DATA', 'EXP_ROOT', 'SHA')
 SHA = 'abc1234'                      # $SHA: the commit the training ran at (any short id)
 
-# The paper's recipe table (shared/UPSTREAM_CLI.md, from clip-rocket's repro_exps.txt):
+# The paper's recipe table (upstream clip-rocket's repro_exps.txt; docs/zoo.md, "Paper recipes"):
 # (dataset, model) -> resolved values the line must give, and the sweep it must run.
 CL2L_TABLE = {
     ('cc3m', 'CL2L_R50_CL2L'): (dict(wd=0.5, label_smoothing=0.1, transformer_layers=6,
@@ -303,6 +303,7 @@ def test_file_form(parsed):
             assert hardware > header, f"line {number}: no '# hardware:' comment in its group"
 
 
+@pytest.mark.needs('wordnet')
 def test_every_line_parses(parsed):
     _, jobs = parsed
     failures = [f"line {j['line']} {j['name']} {j['point']}: {j['error']}" for j in jobs if j['error']]
@@ -316,6 +317,7 @@ def _training(jobs):
     return [j for j in jobs if j['script'] == 'run_with_submitit.py' and j['args'] is not None]
 
 
+@pytest.mark.needs('wordnet')
 def test_covers_the_papers_recipes(parsed):
     _, jobs = parsed
     runs = _training(jobs)
@@ -364,6 +366,7 @@ def test_non_contrastive_and_baseline_flags(parsed):
             assert (a.lr, a.wd, a.label_smoothing, a.loss_avg_or_sum) == (3e-3, 0.1, 0.0, 'avg'), j['name']
 
 
+@pytest.mark.needs('wordnet')
 def test_byolip_equals_the_upstream_siamlip_momentum_spelling(parsed):
     _, jobs = parsed
     byol = [j for j in _training(jobs) if j['args'].method == 'BYOLIP']
@@ -378,6 +381,7 @@ def test_byolip_equals_the_upstream_siamlip_momentum_spelling(parsed):
         assert differs == {'momentum'}, (j['name'], differs)      # the alias flag itself only
 
 
+@pytest.mark.needs('wordnet')
 def test_every_trained_model_is_evaluated(parsed):
     """Each training job's final checkpoint, at the path run.sh gives it, is on the evaluation
     line named eval-NAME; nothing else is."""
@@ -537,6 +541,7 @@ def test_smoke_default_set_is_current():
     assert {n.split('-')[0] for n in SMOKE_DEFAULT} == {'cc3m', 'cc12m', 'yfcc15m', 'merged'}
 
 
+@pytest.mark.needs('wordnet')
 @pytest.mark.parametrize('name', _smoke_params())
 def test_recipe_trains_two_steps(name, smoke_env, smoke_threads):
     out = run_smoke(name, smoke_env)
@@ -544,6 +549,7 @@ def test_recipe_trains_two_steps(name, smoke_env, smoke_threads):
         shutil.rmtree(out)
 
 
+@pytest.mark.needs('wordnet')
 @pytest.mark.slow
 def test_eval_line_runs_on_a_recipe_checkpoint(smoke_env, smoke_threads, tmp_path):
     """The evaluation line that names EVAL_RECIPE's checkpoint, as written, with $EVAL_DATA an

@@ -3,7 +3,7 @@
     .venv/bin/python tools/export_labels.py            # rewrite labels.json, templates.json
     .venv/bin/python tools/export_labels.py --check    # exit 1 if the committed files differ
 
-Sources, in order of preference for each list (README "Zero-shot evaluation" cites them):
+Sources, in order of preference for each list (docs/evaluation.md, "Class names and templates", cites them):
   1. CLIP_benchmark 1.6.2 (`pip install clip_benchmark==1.6.2`): its packaged
      en_classnames.json / en_zeroshot_classification_templates.json, and the ImageNet-A/-R
      WordNet-id subsets read (never executed) from the source of its dataset builder.

@@ -5,8 +5,8 @@
 #     tools/slurm_local.sh status
 #     sudo tools/slurm_local.sh stop      # cancels this cluster's jobs, stops the daemons it started
 #
-# Needs root and the Debian packages `slurmctld slurmd slurm-client munge` (.ci/run installs
-# them). Writes /etc/slurm/slurm.conf (refuses to overwrite one it did not write), keeps state
+# Needs root and the Debian packages `slurmctld slurmd slurm-client munge` (`make setup` installs
+# them as root: tools/setup_system.sh). Writes /etc/slurm/slurm.conf (refuses to overwrite one it did not write), keeps state
 # under /var/spool/vlp-slurm and records the PIDs of the daemons it started in $PIDFILE; `stop`
 # ends those PIDs only. `start` is idempotent. No systemd, no cgroups, no accounting (sacct
 # fails; submitit then reports job state UNKNOWN, results still come back).

@@ -1,4 +1,4 @@
-"""Print the README model-zoo table: image/text tower parameters and forward GFLOPs per
+"""Print the README's model-zoo table (tests/test_readme.py checks it): image/text tower parameters and forward GFLOPs per
 sample at 224 px (counted with torch.utils.flop_counter; a multiply-add is 2 FLOPs).
 
     python tools/zoo_table.py
