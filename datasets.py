@@ -1,20 +1,26 @@
-"""Training data: the dataset registry (one reader per on-disk format), the tokenizer, the
-resumable sampler and the DataLoader. A sample is a dict built by augment.SampleBuilder
-(`image` [3,H,W] uint8, `text` [77] int64, for CL2L also `image_views` uint8, `text_views`);
-batches are dicts of stacked tensors plus `_data` (skip counts, see readers.collate). The
-training loop normalises the uint8 images on its device (engine.to_device); the zero-shot
-sets (`ShapesLabels`, evalsets.py) deliver normalised float32 images.
+"""Training data: the dataset registry (one reader per on-disk format), the resumable
+sampler and the DataLoader (the tokenizer is in text.py). A sample is a dict built by
+augment.SampleBuilder (`image` [3,H,W] uint8, `text` [77] int64, for CL2L also `image_views`
+uint8, `text_views`); batches are dicts of stacked tensors plus `_data` (skip counts, see
+readers.collate). The training loop normalises the uint8 images on its device
+(engine.to_device); the zero-shot sets (`ShapesLabels`, evalsets.py) deliver normalised
+float32 images.
 
     >>> dataset = build_train_dataset(args, Tokenizer())
     >>> sampler, loader = build_loader(dataset, args)
 
-Formats: shapes (generated), yfcc15m, cc3m, cc12m, merged (alias merged_opendata), wds,
-tarpairs, csv, coco, folder -- layouts in docs/data.md.
+Formats: one `DatasetSpec` per `--dataset` name in `DATASETS` (its reader's builder, the
+flags it needs and adds, its layout text); `python tools/data_formats.py` lists them. A new
+format = its reader + `register_dataset(DatasetSpec(...))` + its fixture writer in
+tests/datagen.py (the tests enumerate the registry and fail for a format without one).
 """
+import argparse
 import itertools
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,79 +34,9 @@ import utils
 from decode import DecodeOptions, draft_policy
 from metadata import DataError
 from readers import DataLog, collate, mix_seeds  # noqa: F401  (re-exported for engine/tests)
+from text import PretokenizedTokenizer, Tokenizer, _fast_clean, tokenize_unique  # noqa: F401  (re-exported)
 
-ALIASES = {'merged_opendata': 'merged'}      # upstream clip-rocket spelling
 MERGE_SEP = '---'                            # upstream: --metadata a.npy---b.npy --root a---b
-
-
-# ----------------------------------------------------------------------------- text
-
-class Tokenizer:
-    """OpenAI CLIP BPE (open_clip's packaged vocabulary): list[str] -> LongTensor [N, ctx]."""
-
-    def __init__(self, context_length=77):
-        from open_clip.tokenizer import SimpleTokenizer
-        self.context_length = context_length
-        self.bpe = SimpleTokenizer(context_length=context_length)
-        self.bpe.clean_fn = _fast_clean(self.bpe.clean_fn)
-        self.vocab_size = len(self.bpe.encoder)
-
-    def __call__(self, texts):
-        """open_clip's SimpleTokenizer.__call__ (tested equal), filling one int64 array instead
-        of a tensor row by row: ~0.04 ms less per caption, which is per-sample loader work."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        ctx, sot, eot = self.context_length, self.bpe.sot_token_id, self.bpe.eot_token_id
-        out = np.zeros((len(texts), ctx), np.int64)
-        for i, text in enumerate(texts):
-            ids = [sot] + self.bpe.encode(text) + [eot]
-            if len(ids) > ctx:
-                ids = ids[:ctx - 1] + [eot]                  # truncated: EOT stays last
-            out[i, :len(ids)] = ids
-        return torch.from_numpy(out)
-
-    def decode(self, tokens):
-        ids = [int(t) for t in tokens if int(t) not in (0, self.bpe.sot_token_id, self.bpe.eot_token_id)]
-        return self.bpe.decode(ids).strip()
-
-
-def _fast_clean(clean):
-    """open_clip's caption clean (ftfy, HTML unescape twice, white space, lower case) with a
-    shortcut for printable ASCII without '&', where ftfy and unescaping change nothing
-    (tested): per-sample loader work, ~0.02-0.04 ms of a ~0.07 ms caption."""
-    def fast(text):
-        if text.isascii() and text.isprintable() and '&' not in text:
-            return ' '.join(text.split()).lower()
-        return clean(text)
-    return fast
-
-
-def tokenize_unique(tokenizer, texts):
-    """Tokenize each distinct string once: -> (tokens [U, ctx], index [len(texts)])."""
-    uniq, index = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    return tokenizer(uniq.tolist()), torch.from_numpy(index.astype(np.int64))
-
-
-class PretokenizedTokenizer:
-    """A tokenizer that knows a fixed set of texts already (tokenized once, in one batch) and
-    falls back to the real one for any other text (e.g. augmented text views)."""
-
-    def __init__(self, tokenizer, texts):
-        self.tokenizer = tokenizer
-        uniq = sorted(set(texts))
-        self.tokens = tokenizer(uniq)
-        self.rows = {t: i for i, t in enumerate(uniq)}
-
-    def __call__(self, texts):
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self.rows.get(t) for t in texts]
-        if None in rows:
-            return self.tokenizer(texts)
-        return self.tokens[rows]
-
-    def __getattr__(self, name):          # context_length, vocab_size, decode, ...
-        if name.startswith('__') or name == 'tokenizer':
-            raise AttributeError(name)    # (unpickling in a spawned worker)
-        return getattr(self.tokenizer, name)
 
 
 # ----------------------------------------------------------------------------- images
@@ -181,6 +117,67 @@ class ShapesLabels(Dataset):
 
 # ----------------------------------------------------------------------------- registry
 
+def _metadata_file(args):
+    return [args.metadata] if args.metadata else []
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One `--dataset` format: all that main.py, the error messages, the docs and the tests know
+    about it. Register it with register_dataset()."""
+
+    name: str
+    build: Callable                     # (args, tokenizer) -> Dataset (map-style or StreamReader)
+    summary: str                        # what the format is, in one line (the docs table)
+    layout: str                         # the expected files and flags, as the error messages say it
+    needs_root: bool = False            # --root is required
+    needs_metadata: bool = False        # --metadata is required
+    add_args: Optional[Callable] = None     # (argparse group) -> None: the format's own flags;
+                                            # formats passing the same function share one group
+    metadata_paths: Callable = _metadata_file   # args -> metadata files that must exist (or ValueError)
+    aliases: tuple = ()                 # other accepted spellings (upstream names)
+
+    def flags(self):
+        """The format's own flags: [(option, help)]."""
+        if self.add_args is None:
+            return []
+        group = argparse.ArgumentParser(add_help=False).add_argument_group(self.name)
+        self.add_args(group)
+        return [(a.option_strings[-1], a.help) for a in group._group_actions]
+
+
+DATASETS = utils.Registry('dataset')   # name -> DatasetSpec
+
+
+def register_dataset(spec):
+    for alias in spec.aliases:
+        if alias in DATASETS or aliases().get(alias, spec.name) != spec.name:
+            raise ValueError(f"dataset alias {alias!r} is taken")
+    return DATASETS.register(spec.name, spec)
+
+
+def aliases():
+    """{alias: registered name}."""
+    return {a: spec.name for spec in DATASETS.values() for a in spec.aliases}
+
+
+def dataset_help():
+    """The --help text of --dataset."""
+    alias = ', '.join(f'{a} = {n}' for a, n in aliases().items())
+    return (f"training set (registered: {', '.join(DATASETS)}" + (f"; upstream alias {alias}" if alias else '')
+            + "); layouts in docs/data.md")
+
+
+def add_format_args(parser):
+    """Each format's own flags, in an argument group per flag set ('data (--dataset csv)')."""
+    users = {}
+    for spec in DATASETS.values():
+        if spec.add_args is not None:
+            users.setdefault(spec.add_args, []).append(spec.name)
+    for add_args, names in users.items():
+        add_args(parser.add_argument_group(f"data (--dataset {', '.join(names)})"))
+
+
 def _builder(args, tokenizer, plain=False):
     return augment.SampleBuilder.from_args(args, tokenizer, plain_images=plain)
 
@@ -253,25 +250,71 @@ def _tarpairs(args, tokenizer):
                    rename=streaming.tarpairs_rename)
 
 
-DATASETS = utils.Registry('dataset')   # name -> build(args, tokenizer) -> Dataset
-DATASETS.register('shapes', _shapes)
-DATASETS.register('yfcc15m', _records('yfcc15m'))
-DATASETS.register('cc3m', _records('cc3m'))
-DATASETS.register('cc12m', _records('cc12m'))
-DATASETS.register('merged', _merged)
-DATASETS.register('wds', _wds)
-DATASETS.register('tarpairs', _tarpairs)
-DATASETS.register('csv', _csv)
-DATASETS.register('coco', _coco)
-DATASETS.register('folder', _folder)
-NEEDS = {'yfcc15m': 'rm', 'cc3m': 'rm', 'cc12m': 'rm', 'merged': 'rm', 'wds': 'r',
-         'tarpairs': 'rm', 'csv': 'm', 'coco': 'rm', 'folder': 'r'}   # r: --root, m: --metadata
+def _shapes_flags(group):
+    group.add_argument('--shapes-num-train', type=int, default=40000, help='size of the generated shapes training set')
 
+
+def _csv_flags(group):
+    group.add_argument('--csv-img-key', default='filepath', help='csv: image-path column (filepath)')
+    group.add_argument('--csv-caption-key', default='title', help='csv: caption column (title)')
+    group.add_argument('--csv-separator', default='\t', help='csv: field separator (tab; "," for CSV)')
+
+
+def _stream_flags(group):
+    group.add_argument('--wds-shuffle-buffer', type=int, default=1000,
+                       help='wds/tarpairs: samples in the shuffle buffer of each loader stream (1000; 0 = off)')
+    group.add_argument('--wds-resampled', action='store_true',
+                       help='wds/tarpairs: draw shards with replacement (epochs are --train-num-samples long)')
+
+
+def _merged_metadata(args):
+    roots, metas = args.root.split(MERGE_SEP), args.metadata.split(MERGE_SEP)
+    if len(roots) != len(metas):
+        raise ValueError(f"--dataset merged: --root and --metadata need as many '{MERGE_SEP}'-separated "
+                         f"entries, got {args.root!r} and {args.metadata!r}")
+    return metas
+
+
+MERGED_LAYOUT = (f"--root A{MERGE_SEP}B{MERGE_SEP}... and --metadata A.npy{MERGE_SEP}B.npy{MERGE_SEP}...: "
+                 "(root, metadata) pairs, each a yfcc15m, cc3m or cc12m layout (recognised from its records)")
+SHAPES_LAYOUT = "nothing on disk: --shapes-num-train images generated at start-up (shapes.py)"
+
+register_dataset(DatasetSpec(
+    'shapes', _shapes, 'generated 64 px shapes images with 4 captions each (the demo)', SHAPES_LAYOUT,
+    add_args=_shapes_flags))
+register_dataset(DatasetSpec(
+    'yfcc15m', _records('yfcc15m'), 'zip tree of YFCC100M + (index, title, description) metadata',
+    readers.YFCCZipReader.layout, needs_root=True, needs_metadata=True))
+register_dataset(DatasetSpec(
+    'cc3m', _records('cc3m'), 'image files + records with captions', readers.CC_LAYOUT['cc3m'],
+    needs_root=True, needs_metadata=True))
+register_dataset(DatasetSpec(
+    'cc12m', _records('cc12m'), 'image files + records with captions', readers.CC_LAYOUT['cc12m'],
+    needs_root=True, needs_metadata=True))
+register_dataset(DatasetSpec(
+    'merged', _merged, f"several yfcc15m / cc3m / cc12m sets joined: '{MERGE_SEP}'-separated pairs",
+    MERGED_LAYOUT, needs_root=True, needs_metadata=True, metadata_paths=_merged_metadata,
+    aliases=('merged_opendata',)))                      # the upstream clip-rocket spelling
+register_dataset(DatasetSpec(
+    'wds', _wds, 'WebDataset tar shards as img2dataset writes them', streaming.WDS_LAYOUT,
+    needs_root=True, add_args=_stream_flags))
+register_dataset(DatasetSpec(
+    'tarpairs', _tarpairs, "RangeAugment .tar.gz archives of ID_image / ID_text + cvnets' start id -> archive dict",
+    streaming.TARPAIRS_LAYOUT, needs_root=True, needs_metadata=True, add_args=_stream_flags))
+register_dataset(DatasetSpec(
+    'csv', _csv, 'OpenCLIP CSV/TSV: image-path and caption columns (--root optional)',
+    readers.csv_layout('\t', 'filepath', 'title'), needs_metadata=True, add_args=_csv_flags))  # the flag defaults
+register_dataset(DatasetSpec(
+    'coco', _coco, 'MS-COCO captions JSON + image folder, five captions per image', readers.COCO_LAYOUT,
+    needs_root=True, needs_metadata=True))
+register_dataset(DatasetSpec(
+    'folder', _folder, 'train-CLIP: x.jpg pairs with x.txt anywhere under the root', readers.FolderReader.layout,
+    needs_root=True))
 
 def resolve_data_args(args):
     """Check the data flags before any work starts (ValueError = one-line usage error)."""
-    args.dataset = ALIASES.get(args.dataset, args.dataset)
-    DATASETS.get(args.dataset)
+    args.dataset = aliases().get(args.dataset, args.dataset)
+    spec = DATASETS.get(args.dataset)
     if not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     for key in ('max_image_pixels', 'prefetch_factor'):
@@ -279,16 +322,11 @@ def resolve_data_args(args):
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    needs = NEEDS.get(args.dataset, '')
-    if 'r' in needs and not args.root:
+    if spec.needs_root and not args.root:
         raise ValueError(f"--dataset {args.dataset} needs --root (see docs/data.md)")
-    if 'm' in needs and not args.metadata:
+    if spec.needs_metadata and not args.metadata:
         raise ValueError(f"--dataset {args.dataset} needs --metadata (see docs/data.md)")
-    if args.dataset == 'merged' and len(args.root.split(MERGE_SEP)) != len(args.metadata.split(MERGE_SEP)):
-        raise ValueError(f"--dataset merged: --root and --metadata need as many '{MERGE_SEP}'-separated "
-                         f"entries, got {args.root!r} and {args.metadata!r}")
-    metas = args.metadata.split(MERGE_SEP) if args.dataset == 'merged' else [args.metadata]
-    for meta in (metas if args.metadata else []):
+    for meta in spec.metadata_paths(args):
         if not os.path.isfile(meta):
             raise ValueError(f"--metadata: no such file {meta!r}")
 
@@ -297,7 +335,7 @@ def build_train_dataset(args, tokenizer):
     """The registered reader for args.dataset, checked on a few samples: a data source that is
     mostly unusable (wrong --root, wrong --metadata) stops here with one line."""
     try:
-        dataset = DATASETS.get(args.dataset)(args, tokenizer)
+        dataset = DATASETS.get(args.dataset).build(args, tokenizer)
         if hasattr(dataset, 'probe'):
             dataset.probe()
     except DataError as e:

@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import augment
-import datasets
 import engine
 import eval_linear
 import models
+import text
 import utils
 import zeroshot
 
@@ -197,7 +197,7 @@ def resolve_templates(templates):
 @torch.no_grad()
 def zeroshot_head(classifier, clip, pre, head, names, templates, device, scale=None):
     """Set the linear head to scale x the zero-shot classifier [C, D], bias 0 -> the classifier."""
-    tokenizer = datasets.Tokenizer(pre['args'].get('context_length', 77))
+    tokenizer = text.Tokenizer(pre['args'].get('context_length', 77))
     weights = zeroshot.cached_classifier(clip, head, names, templates, tokenizer, device)   # [C, D]
     scale = logit_scale(pre, head) if scale is None else scale
     classifier.head.weight.copy_(scale * weights)

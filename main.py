@@ -122,11 +122,9 @@ def get_args_parser():
     g.add_argument('--random-deletion-prob', type=float, default=0.2, help='EDA op weight (0.2)')
 
     g = parser.add_argument_group('data')
-    g.add_argument('--dataset', default='shapes', help='training set (registered: %s; upstream alias '
-                   'merged_opendata = merged); layouts in docs/data.md' % ', '.join(datasets.DATASETS))
+    g.add_argument('--dataset', default='shapes', help=datasets.dataset_help())
     g.add_argument('--root', default='', help='dataset root directory (real datasets)')
     g.add_argument('--metadata', default='', help='dataset metadata file (real datasets)')
-    g.add_argument('--shapes-num-train', type=int, default=40000, help='size of the generated shapes training set')
     g.add_argument('--train-num-samples', type=int, default=None,
                    help='cap the samples per epoch (quick runs); default: the whole dataset '
                         '(wds: the epoch length, unless *_stats.json / sizes.json give it)')
@@ -142,17 +140,11 @@ def get_args_parser():
     g.add_argument('--allow-pickle', action='store_true',
                    help='read pickled metadata (upstream yfcc15m.pkl, cc3m.npy object arrays): '
                         'can run code, so off; convert once with make_dataset.py instead')
-    g.add_argument('--csv-img-key', default='filepath', help='csv: image-path column (filepath)')
-    g.add_argument('--csv-caption-key', default='title', help='csv: caption column (title)')
-    g.add_argument('--csv-separator', default='\t', help='csv: field separator (tab; "," for CSV)')
-    g.add_argument('--wds-shuffle-buffer', type=int, default=1000,
-                   help='wds/tarpairs: samples in the shuffle buffer of each loader stream (1000; 0 = off)')
-    g.add_argument('--wds-resampled', action='store_true',
-                   help='wds/tarpairs: draw shards with replacement (epochs are --train-num-samples long)')
     g.add_argument('--max-bad-fraction', type=float, default=0.01,
                    help='stop when more than this fraction of an epoch\'s samples are unusable (0.01)')
     g.add_argument('--max-image-pixels', type=int, default=89_478_485,
                    help='refuse (skip) images with more pixels: decompression bombs (PIL default 89.5 M)')
+    datasets.add_format_args(parser)   # each format's own flags: --shapes-num-train, --csv-*, --wds-*, ...
 
     g = parser.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 5 on shapes)')

@@ -403,9 +403,13 @@ def csv_reader(path, root, img_key, caption_key, separator, builder, opts, seed)
             keys.append(image or '')
             captions.append([row.get(caption_key)])
     base = root or os.path.dirname(os.path.abspath(path))
-    layout = (f"a {separator!r}-separated file with columns {img_key!r} (image path, relative to "
-              f"--root or to the CSV's folder) and {caption_key!r}")
+    layout = csv_layout(separator, img_key, caption_key)
     return FileReader('csv', layout, build_records('csv', keys, captions, bad), base, builder, opts, seed)
+
+
+def csv_layout(separator, img_key, caption_key):
+    return (f"a {separator!r}-separated file with columns {img_key!r} (image path, relative to "
+            f"--root or to the CSV's folder) and {caption_key!r}")
 
 
 COCO_LAYOUT = ("--metadata captions_train2017.json ({'images': [{'id', 'file_name'}], 'annotations': "

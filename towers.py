@@ -254,7 +254,7 @@ def _all_locked(module, unlocked_groups):
 # ----------------------------------------------------------------------------- text tower
 
 class HFTokenizer:
-    """A Hugging Face tokenizer with datasets.Tokenizer's interface: list[str] -> LongTensor
+    """A Hugging Face tokenizer with text.Tokenizer's interface: list[str] -> LongTensor
     [N, context_length], truncated, right-padded with PAD (-1). HFTextTower turns PAD into the
     attention mask, so the mask is right even where the pad token is also a real token
     (CLIP's pad = EOT) or the tokenizer has none."""
@@ -394,13 +394,13 @@ def lock_text(model, unlocked_layers=0):
 
 def tokenizer_for(flags):
     """The tokenizer of a run's text tower from its flags (a Namespace or a checkpoint's `args`):
-    HFTokenizer with --text-tower, else the OpenAI CLIP BPE (datasets.Tokenizer)."""
+    HFTokenizer with --text-tower, else the OpenAI CLIP BPE (text.Tokenizer)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
     context_length = flags.get('context_length') or 77
     if flags.get('text_tower'):
         return HFTokenizer(flags['text_tower'], context_length)
-    import datasets
-    return datasets.Tokenizer(context_length)
+    import text
+    return text.Tokenizer(context_length)
 
 
 def prepare(model, args):

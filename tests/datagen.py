@@ -348,9 +348,36 @@ def _jsonl(path, rows):
             f.write(json.dumps(row) + '\n')
 
 
+def write_shapes(root, sample_specs):
+    """`shapes` is generated at start-up: no files, a small training set."""
+    return ['--dataset', 'shapes', '--shapes-num-train', str(max(64, len(sample_specs)))]
+
+
+def write_merged(root, sample_specs):
+    """Upstream merged_opendata: cc3m.npy---cc12m.npy---yfcc15m.pkl (a third of the samples
+    each), roots joined the same way."""
+    a, b = len(sample_specs) // 3, 2 * len(sample_specs) // 3
+    parts = [write_cc(os.path.join(root, 'cc3m'), sample_specs[:a], 'cc3m'),
+             write_cc(os.path.join(root, 'cc12m'), sample_specs[a:b], 'cc12m'),
+             write_yfcc(os.path.join(root, 'yfcc'), sample_specs[b:], 'pkl')]
+    return ['--dataset', 'merged_opendata', '--root', '---'.join(p[3] for p in parts),
+            '--metadata', '---'.join(p[5] for p in parts), '--allow-pickle']
+
+
+# One fixture writer per registered --dataset format (datasets.DATASETS): (root, specs) -> the
+# main.py flags that read it. The tests enumerate the registry and fail for a format missing here.
 WRITERS = {
-    'yfcc15m': write_yfcc, 'cc3m': lambda r, s: write_cc(r, s, 'cc3m'),
-    'cc12m': lambda r, s: write_cc(r, s, 'cc12m'), 'csv': write_csv, 'coco': write_coco,
-    'folder': write_folder, 'wds': write_wds, 'tarpairs': write_tarpairs,
+    'shapes': write_shapes,
+    'yfcc15m': lambda r, s: write_yfcc(r, s, 'npz'),
+    'cc3m': lambda r, s: write_cc(r, s, 'cc3m', 'npy') + ['--allow-pickle'],      # the upstream object array
+    'cc12m': lambda r, s: write_cc(r, s, 'cc12m', 'jsonl'),
+    'merged': write_merged,
+    'wds': lambda r, s: write_wds(r, s, stats=True),           # img2dataset's *_stats.json give the epoch
+    'tarpairs': lambda r, s: write_tarpairs(r, s, per_archive=5),
+    'csv': write_csv,
+    'coco': write_coco,
+    'folder': write_folder,
 }
-NEEDS_PICKLE = {'cc3m', 'cc12m'}              # the upstream .npy object arrays
+# Formats the bad-sample fuzz test leaves out, and why.
+NOT_FUZZED = {'shapes': 'generated in memory: no bad samples possible',
+              'merged': 'a union of yfcc15m / cc3m / cc12m readers, each fuzzed on its own'}

@@ -34,7 +34,7 @@ INT_FLAGS = ['--batch-size', '--epochs', '--num-augs', '--update-freq', '--image
              '--prefetch-factor', '--multicrop-resize', '--sk-iters', '--seed']
 FLOAT_FLAGS = ['--lr', '--wd', '--label-smoothing', '--patch-dropout', '--warmup-epochs', '--lr-start',
                '--lr-end', '--momentum-tau', '--max-bad-fraction', '--logit-scale-init', '--eps']
-CHOICE_FLAGS = {'--dataset': [*datasets.DATASETS, 'merged_opendata'], '--accum-mode': ['cached', 'simple'],
+CHOICE_FLAGS = {'--dataset': [*datasets.DATASETS, *datasets.aliases()], '--accum-mode': ['cached', 'simple'],
                 '--text-reduction': list(text_reduction.MODES), '--precision': ['auto', 'fp32', 'amp', 'bf16'],
                 '--caption-sampling': ['single', 'multi'], '--loss-avg-or-sum': ['avg', 'sum'],
                 '--clip-proj-type': ['linear', 'mlp'], '--zeroshot-datasets': ['shapes']}

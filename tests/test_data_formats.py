@@ -18,36 +18,19 @@ TINY = ['--model', 'CLIP_TINYVIT_CLIP', '--image-size', '32', '--batch-size', '4
         '--train-num-samples', '8', '--zeroshot-datasets', 'shapes', '--print-freq', '1']
 
 
-def _merged(root, specs):
-    """Upstream merged_opendata: cc3m.npy---cc12m.npy---yfcc15m.pkl, roots joined the same way."""
-    parts = [datagen.write_cc(os.path.join(root, 'cc3m'), specs[:5], 'cc3m'),
-             datagen.write_cc(os.path.join(root, 'cc12m'), specs[5:9], 'cc12m'),
-             datagen.write_yfcc(os.path.join(root, 'yfcc'), specs[9:], 'pkl')]
-    return ['--dataset', 'merged_opendata', '--root', '---'.join(p[3] for p in parts),
-            '--metadata', '---'.join(p[5] for p in parts), '--allow-pickle']
-
-
-LAYOUTS = {
-    'yfcc15m': lambda r, s: datagen.write_yfcc(r, s, 'npz'),
-    'cc3m': lambda r, s: datagen.write_cc(r, s, 'cc3m', 'npy') + ['--allow-pickle'],
-    'cc12m': lambda r, s: datagen.write_cc(r, s, 'cc12m', 'jsonl'),
-    'merged': _merged,
-    'csv': datagen.write_csv,
-    'coco': datagen.write_coco,
-    'folder': datagen.write_folder,
-    'wds': datagen.write_wds,
-    'tarpairs': lambda r, s: datagen.write_tarpairs(r, s, per_archive=5),
-}
-
-
 def read_log(out):
     with open(os.path.join(out, 'log.txt')) as f:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize('fmt', sorted(LAYOUTS))
+def test_every_registered_format_has_a_fixture_writer():
+    assert set(datagen.WRITERS) == set(datasets.DATASETS), \
+        "tests/datagen.py WRITERS needs one fixture writer per registered --dataset format"
+
+
+@pytest.mark.parametrize('fmt', list(datasets.DATASETS))
 def test_format_trains_two_steps(tmp_path, fmt):
-    flags = LAYOUTS[fmt](str(tmp_path / 'data'), datagen.specs(n_good=13))
+    flags = datagen.WRITERS[fmt](str(tmp_path / 'data'), datagen.specs(n_good=13))
     out = str(tmp_path / 'out')
     results = train.main([*TINY, *flags, '--output-dir', out])
     assert 0 <= results['shapes']['top1'] <= 100
@@ -112,25 +95,25 @@ def _fails(tmp_path, flags, fragment, code=None):
     return message
 
 
-@pytest.mark.parametrize('fmt', ['yfcc15m', 'cc3m', 'csv', 'coco', 'folder', 'wds', 'tarpairs'])
+@pytest.mark.parametrize('fmt', [f for f, spec in datasets.DATASETS.items()           # formats reading files
+                                 if spec.needs_root or spec.needs_metadata])
 def test_wrong_root_stops_at_start_naming_the_layout(tmp_path, fmt):
     specs = datagen.specs(n_good=8)
     data, elsewhere = str(tmp_path / 'data'), str(tmp_path / 'elsewhere')
     os.makedirs(elsewhere)
-    flags = LAYOUTS[fmt](data, specs)
-    i = flags.index('--root') if '--root' in flags else None
-    if fmt == 'csv':
-        flags += ['--root', elsewhere]               # images resolved against the wrong folder
-    elif fmt == 'wds':
-        flags[i + 1] = os.path.join(elsewhere, '{00000..00003}.tar')
+    flags = datagen.WRITERS[fmt](data, specs)
+    if '--root' in flags:        # every root (merged: each '---' part) moved; a shard pattern keeps its name
+        i = flags.index('--root')
+        flags[i + 1] = datasets.MERGE_SEP.join(
+            elsewhere if os.path.isdir(part) else os.path.join(elsewhere, os.path.basename(part))
+            for part in flags[i + 1].split(datasets.MERGE_SEP))
     else:
-        flags[i + 1] = elsewhere
+        flags += ['--root', elsewhere]       # csv: images resolved against the wrong folder
     message = _fails(tmp_path, flags, None)
-    expected = {'yfcc15m': 'images/XX/YYY.zip', 'cc3m': "'image_id': path", 'csv': "columns 'filepath'",
-                'coco': 'captions_train2017.json', 'folder': 'caption file x.txt',
-                'wds': 'KEY.jpg', 'tarpairs': 'ID_image'}[fmt]
-    assert message.startswith('main.py: error: ') and expected in message and '\n' not in message, message
-    if fmt in ('cc3m', 'csv', 'coco', 'tarpairs'):
+    parts = {'merged': ('cc3m', 'cc12m', 'yfcc15m')}.get(fmt, (fmt,))     # merged: a part's layout
+    assert message.startswith('main.py: error: ') and '\n' not in message, message
+    assert any(f'expected {datasets.DATASETS[p].layout}' in message for p in parts), message
+    if 'probed samples are unusable' in message:
         assert 'first: ' in message and elsewhere in message      # names the first failing path
 
 
@@ -173,7 +156,7 @@ def test_wrong_metadata_is_one_line_naming_the_expected_structure(tmp_path, case
     (['--dataset', 'yfcc15m', '--root', '.'], '--dataset yfcc15m needs --metadata'),
     (['--dataset', 'coco', '--root', '.', '--metadata', '/no/such.json'], "no such file '/no/such.json'"),
     (['--dataset', 'merged', '--root', 'a---b', '--metadata', 'x'], "as many '---'-separated entries"),
-    (['--dataset', 'webdataset'], 'valid: shapes, yfcc15m, cc3m, cc12m, merged, wds, tarpairs, csv, coco, folder'),
+    (['--dataset', 'webdataset'], f"valid: {', '.join(datasets.DATASETS)}"),
     (['--max-bad-fraction', '2'], '--max-bad-fraction must be in [0, 1]'),
     (['--caption-sampling', 'all'], "choose from 'single', 'multi'"),
 ])

@@ -226,7 +226,7 @@ def test_shapes_fast_path_equals_the_sample_builder(tokenizer):
     """The demo's samples: the builder's sample for the caption the demo's (seed, epoch)
     stream picks (bit-for-bit the stream of the original demo)."""
     args = argparse.Namespace(image_size=32, shapes_num_train=64, base='CLIP', seed=0)
-    dataset = datasets.DATASETS.get('shapes')(args, tokenizer)
+    dataset = datasets.DATASETS.get('shapes').build(args, tokenizer)
     assert dataset.fast
     for i, seed, epoch in [(0, 1, 0), (63, 2 ** 62 + 7, 4)] + [(k * 3, k * 7919, k % 3) for k in range(20)]:
         fast = dataset[(i, seed, epoch)]
@@ -239,7 +239,7 @@ def test_shapes_fast_path_equals_the_sample_builder(tokenizer):
     views = argparse.Namespace(image_size=32, shapes_num_train=64, base='CL2L', seed=0, num_augs=2,
                                multicrop_resize=32, multicrop_max_scale=1.0, byol_augment=False,
                                blur_prob=0.5, solarize_prob=0.0, grayscale_prob=0.2, text_augment=False)
-    cl2l = datasets.DATASETS.get('shapes')(views, tokenizer)
+    cl2l = datasets.DATASETS.get('shapes').build(views, tokenizer)
     assert not cl2l.fast and cl2l[(3, 9, 0)]['image_views'].shape == (2, 3, 32, 32)
 
 

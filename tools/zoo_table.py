@@ -10,8 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import datasets  # noqa: E402
 import models  # noqa: E402
+import text  # noqa: E402
 
 
 def count(model, fn, *inputs):
@@ -35,7 +35,7 @@ def row(backbone, tokens):
 
 
 if __name__ == '__main__':
-    tokens = datasets.Tokenizer()(['x ' * 75])          # a full 77-token caption
+    tokens = text.Tokenizer()(['x ' * 75])          # a full 77-token caption
     print('| backbone | timm model | px | image params | image GFLOPs | text params | text GFLOPs (77 tok) |')
     print('|---|---|---|---|---|---|---|')
     for name in models.BACKBONES:
