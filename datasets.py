@@ -405,16 +405,17 @@ class StreamControl:
 
 def build_loader(dataset, args):
     """-> (sampler with set_epoch(epoch, start), DataLoader). Workers persist across epochs
-    (samples get their seed from the sampler, so nothing in a worker goes stale)."""
+    (samples get their seed from the sampler, so nothing in a worker goes stale) and leave
+    SIGTERM / SIGUSR1 to the main process (utils.StopSafeLoader: a scancel checkpoints)."""
     workers = args.workers
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=workers > 0,
                   prefetch_factor=args.prefetch_factor if workers > 0 else None,
                   worker_init_fn=augment.fresh_wordnet_files if workers > 0 else None)
     if isinstance(dataset, streaming.StreamReader):
-        return StreamControl(dataset), torch.utils.data.DataLoader(dataset, batch_size=None, **common)
+        return StreamControl(dataset), utils.StopSafeLoader(dataset, batch_size=None, **common)
     sampler = ResumableSampler(len(dataset), seed=args.seed, num_samples=args.train_num_samples)
-    loader = torch.utils.data.DataLoader(
+    loader = utils.StopSafeLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
         generator=torch.Generator().manual_seed(args.seed), **common)
     return sampler, loader

@@ -1,14 +1,18 @@
 """Distributed init and rank helpers (safe without a process group), seeding and RNG state,
-atomic checkpoint save and safe load, small logging helpers."""
+atomic checkpoint save and safe load, the graceful stop on SIGTERM / SIGUSR1 (and loader workers
+that leave those signals to it), small logging helpers."""
 import argparse
 import builtins
 import datetime
+import functools
 import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import defaultdict, deque
@@ -299,22 +303,17 @@ class StopSignals:
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
     def __init__(self, device):
-        import signal
-        import threading
         self.device, self.signum, self.previous = device, None, {}
         if threading.current_thread() is not threading.main_thread():
             return                                    # handlers only in the main thread
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self.previous[sig] = signal.signal(sig, self._handle)
+        for sig in stop_signal_numbers():
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
 
     @property
     def name(self):
-        import signal
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     def requested(self):
@@ -328,10 +327,60 @@ class StopSignals:
         return flag
 
     def restore(self):
-        import signal
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+
+def stop_signal_numbers():
+    """The StopSignals.SIGNALS this platform has, as signal numbers."""
+    return {getattr(signal, name) for name in StopSignals.SIGNALS if hasattr(signal, name)}
+
+
+class StopSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM / SIGUSR1 to the main process.
+
+    scancel, a preemption and `kill -- -PGID` signal every process of the job, loader workers
+    included. PyTorch's worker handler dies on a SIGTERM that its parent did not send, and the
+    main process then raises "DataLoader worker ... is killed by signal" inside the step: no
+    checkpoint (StopSignals never gets to finish the step). Here a worker ignores the stop
+    signals, so StopSignals finishes the step and checkpoints, and the workers end with the
+    loader as usual. A worker still exits on its *parent's* SIGTERM (the loader's terminate() of
+    a worker that does not stop in time), like PyTorch's handler, and exits when its parent dies
+    (PyTorch's watchdog): none is left hung or orphaned. Workers are forked with the signals
+    blocked, so no signal reaches one before it has set this up."""
+
+    def __init__(self, *args, worker_init_fn=None, **kwargs):
+        super().__init__(*args, worker_init_fn=functools.partial(_worker_leaves_stop_signals, worker_init_fn),
+                         **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, 'pthread_sigmask'):
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signal_numbers())
+        try:
+            return super().__iter__()           # starts the workers (once, if persistent)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)   # a pending one arrives now
+
+
+def _worker_leaves_stop_signals(init_fn, worker_id):
+    """worker_init_fn: keep the stop signals blocked (already so when forked by StopSafeLoader)
+    and take them with a thread that exits only on the parent's SIGTERM; then `init_fn`."""
+    if hasattr(signal, 'pthread_sigmask'):
+        signals = stop_signal_numbers()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        threading.Thread(target=_exit_on_parent_sigterm, args=(signals, os.getppid()), daemon=True,
+                         name='stop_signals').start()
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+def _exit_on_parent_sigterm(signals, parent):
+    while True:
+        info = signal.sigwaitinfo(signals)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)                         # what PyTorch's worker handler does on it
 
 
 # ----------------------------------------------------------------------------- CLI, logs

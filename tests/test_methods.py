@@ -305,7 +305,7 @@ def datasets_loader_uses_it():
     import datasets
     args = argparse.Namespace(workers=1, prefetch_factor=2, seed=0, train_num_samples=None, batch_size=2)
     _, loader = datasets.build_loader(_WordNetLookups(), args)
-    return loader.worker_init_fn is augment.fresh_wordnet_files
+    return loader.worker_init_fn.args == (augment.fresh_wordnet_files,)   # composed by StopSafeLoader
 
 
 @pytest.mark.needs('wordnet')

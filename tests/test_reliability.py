@@ -1,8 +1,10 @@
 """Reliability: rotated checkpoints with checksums, fallback from a corrupted newest one,
-disk full during a write, non-finite step budget, graceful stop on SIGTERM / SIGUSR1."""
+disk full during a write, non-finite step budget, graceful stop on SIGTERM / SIGUSR1 (also when
+the signal reaches every process of the job, loader workers included, as scancel sends it)."""
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +12,13 @@ import time
 
 import pytest
 import torch
+from torch.utils.data._utils import signal_handling
 
+import datagen
 import losses
 import main as train
 import utils
+from test_data_order import _loader
 from test_main import TINY, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,10 +137,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     _assert_same(good['optimizer']['state'][0], last['optimizer']['state'][0])
 
 
-def _start(out, *extra):
+def _start(out, *extra, session=False):
+    """main.py in a subprocess; `session`: in a session (and process group) of its own."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline'}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *TINY, '--output-dir', str(out),
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=session)
 
 
 def _wait_for_step(out, step, proc, timeout=300):
@@ -165,10 +172,114 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, sig)
     logged = [s['step'] for s in read_jsonl(out / 'log_steps.txt')]
     assert logged[-1] == stopped['step']                        # no step lost, none half done
     if sig == 'SIGTERM':      # the rest of the run: same result (same thread count as the first part)
-        ref = tmp_path / 'ref'
-        for run in (_start(out, *flags), _start(ref, *flags)):
-            assert run.wait(timeout=600) == 0, run.stdout.read()[-2000:]
-        (a, a_opt, _), (b, b_opt, _) = _weights(ref / 'checkpoint.pt'), _weights(out / 'checkpoint.pt')
-        _assert_same(a, b)
-        for k in a_opt:
-            _assert_same(a_opt[k], b_opt[k])
+        _finish_equals_uninterrupted(out, tmp_path / 'ref', flags)
+
+
+def _finish_equals_uninterrupted(out, ref, flags):
+    """Rerun the stopped run in `out` and an uninterrupted one in `ref`: bit-identical weights
+    and optimizer state. -> the rerun's output."""
+    runs = [_start(out, *flags), _start(ref, *flags)]
+    texts = [run.communicate(timeout=600)[0] for run in runs]
+    for run, text in zip(runs, texts):
+        assert run.returncode == 0, text[-2000:]
+    (a, a_opt, a_step), (b, b_opt, b_step) = _weights(ref / 'checkpoint.pt'), _weights(out / 'checkpoint.pt')
+    assert a_step == b_step
+    _assert_same(a, b)
+    for k in a_opt:
+        _assert_same(a_opt[k], b_opt[k])
+    return texts[0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_with_loader_workers_checkpoints_and_resumes_exactly(tmp_path):
+    """scancel and preemption signal every process of the job: the loader workers must leave the
+    signal to the main process (a dead worker failed the step: exit 1, no checkpoint)."""
+    flags = ['--epochs', '2', '--workers', '1']               # 8 steps per epoch, save-freq 0
+    out = tmp_path / 'out'
+    proc = _start(out, *flags, session=True)
+    _wait_for_step(out, 5, proc)
+    os.killpg(proc.pid, signal.SIGTERM)                      # `kill -TERM -- -PGID`
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert 'Traceback' not in text and 'killed by signal' not in text, text[-2000:]
+    stops = re.findall(r'received SIGTERM: checkpoint saved at step (\d+); rerun the same command', text)
+    assert len(stops) == 1, text[-2000:]
+    stopped = int(stops[0])
+    assert 5 <= stopped < 16 and _weights(out / 'checkpoint.pt')[2] == stopped
+    assert [s['step'] for s in read_jsonl(out / 'log_steps.txt')][-1] == stopped
+    rerun = _finish_equals_uninterrupted(out, tmp_path / 'ref', flags)
+    assert re.search(rf'resumed from \S+: epoch \d+, step {stopped},', rerun), rerun[-2000:]
+
+
+# ----------------------------------------------------------------------------- loader workers
+
+def _alive(pid):
+    """The process exists and is not a zombie."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(') ', 1)[1][0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize('fmt', ['shapes', 'wds'])
+def test_loader_workers_survive_stop_signals_from_outside(tmp_path, tokenizer, fmt):
+    """datasets.build_loader, map-style and streaming: a SIGTERM / SIGUSR1 that another process
+    (scancel) sends to the workers leaves them running; the epoch completes."""
+    flags = (['--shapes-num-train', '40'] if fmt == 'shapes' else
+             datagen.write_wds(str(tmp_path / 'data'), datagen.specs(n_good=40), shards=2))
+    sampler, loader = _loader([*flags, '--train-num-samples', '40', '--workers', '2'], tokenizer)
+    sampler.set_epoch(0)
+    batches = iter(loader)
+    got = [next(batches)]
+    pids = [w.pid for w in batches._workers]
+    for sig in ('TERM', 'USR1'):
+        subprocess.run(['kill', f'-{sig}', *map(str, pids)], check=True)
+    time.sleep(0.5)                    # a worker killed by it would be noticed by now (SIGCHLD)
+    assert all(_alive(pid) for pid in pids)
+    got += list(batches)
+    assert len(got) == 10
+
+
+class _Pids(torch.utils.data.Dataset):
+    """Item i: (the worker's pid, the worker id its worker_init_fn saw); from item `slow` on, a
+    minute's work, which first creates the file `busy`."""
+
+    def __init__(self, slow, busy):
+        self.slow, self.busy = slow, busy
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i >= self.slow:
+            open(self.busy, 'w').close()
+            time.sleep(60)
+        return os.getpid(), os.environ.get('TEST_WORKER_INIT')
+
+
+def _note_worker_init(worker_id):
+    os.environ['TEST_WORKER_INIT'] = str(worker_id)
+
+
+def test_a_stop_signal_at_worker_start_is_ignored_and_the_parent_still_ends_a_busy_worker(
+        tmp_path, monkeypatch):
+    real = signal_handling._set_worker_signal_handlers
+
+    def then_signalled():                 # the first thing a worker does, before worker_init_fn
+        real()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    monkeypatch.setattr(signal_handling, '_set_worker_signal_handlers', then_signalled)
+    monkeypatch.setattr(torch.utils.data._utils, 'MP_STATUS_CHECK_INTERVAL', 1.0)   # shutdown's wait
+    busy = tmp_path / 'busy'
+    loader = utils.StopSafeLoader(_Pids(slow=2, busy=busy), batch_size=None, num_workers=1,
+                                  worker_init_fn=_note_worker_init)
+    batches = iter(loader)
+    (pid, init), again = next(batches), next(batches)
+    assert pid != os.getpid() and list(again) == [pid, '0'] and init == '0' and _alive(pid)
+    while not busy.exists():              # the worker is in item 2's minute
+        time.sleep(0.05)
+    t0 = time.time()
+    batches._shutdown_workers()           # it does not stop within 1 s: the loader terminate()s it
+    assert not _alive(pid) and 1 <= time.time() - t0 < 10

@@ -30,11 +30,13 @@ def git(repo, *args):
 
 
 def make_clone(dst):
-    """A clone of this repository's HEAD plus the working-tree OVERLAY files, committed."""
-    if not os.path.isdir(os.path.join(ROOT, '.git')) or shutil.which('git') is None:
+    """A clone of this repository's HEAD plus the working-tree OVERLAY files and every tracked
+    file changed in the working tree (what the Slurm tests run), committed."""
+    if not os.path.exists(os.path.join(ROOT, '.git')) or shutil.which('git') is None:   # dir or worktree file
         pytest.skip('needs git and a git checkout of the repository')
     subprocess.run(['git', 'clone', '-q', ROOT, str(dst)], check=True)
-    for name in OVERLAY:
+    changed = git(ROOT, 'diff', '--name-only', '--diff-filter=M', 'HEAD').splitlines()
+    for name in dict.fromkeys([*OVERLAY, *changed]):
         shutil.copy2(os.path.join(ROOT, name), os.path.join(dst, name))
     git(dst, 'add', '-A')
     git(dst, 'commit', '-q', '--allow-empty', '-m', 'test overlay')

@@ -3,7 +3,8 @@ tests on a real single-node Slurm (tools/slurm_local.sh, as root): run.sh +
 run_with_submitit.py train a small shapes CLIP with 2 gloo tasks; a job interrupted twice (the
 USR2 that Slurm sends before a time limit -> Trainer.checkpoint(); then `scontrol requeue`, a
 preemption) ends with the same step count and bit-identical weights as an uninterrupted one;
-so does a job stopped by SIGUSR1 (checkpoint at that step, then it requeues itself);
+so does a job stopped by SIGUSR1 (checkpoint at that step, then it requeues itself), and a job
+with loader workers stopped by scancel (checkpoint at that step) and submitted again;
 a `--seed 0,1,2` sweep gives 3 finished experiments. Slurm missing or not root: skipped, but
 failed under CI=true (CI must run these)."""
 import os
@@ -167,6 +168,15 @@ def wait_for(predicate, what, timeout=240):
     pytest.fail(f'timed out after {timeout} s waiting for {what}')
 
 
+def logged_step(out):
+    """The last step in OUT/log_steps.txt (-1 before the first)."""
+    try:
+        lines = open(os.path.join(out, 'log_steps.txt')).read().splitlines()
+        return int(re.search(r'"step": (\d+)', lines[-1]).group(1)) if lines else -1
+    except (OSError, AttributeError):
+        return -1
+
+
 def ckpt_step(path):
     try:
         return torch.load(path, weights_only=True)['step']
@@ -246,6 +256,40 @@ def test_usr1_stops_checkpoints_requeues_and_loses_no_step(slurm, repo, exp, str
     assert a['step'] == b['step'] == 16
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
+
+
+def test_scancel_with_loader_workers_checkpoints_its_step_and_the_resubmitted_job_loses_none(
+        slurm, repo, exp, straight):
+    """A plain `scancel JOB` -- what a user and a preemption do -- makes Slurm send SIGCONT and
+    SIGTERM to every process of every step, the loader workers of both tasks included (SIGKILL
+    follows after KillWait). (`scancel --signal=TERM` only delivers a signal, to the steps and
+    not the batch script unless --full; it does not end the job.) The tasks finish the step and
+    checkpoint it; the same command submitted again resumes there and ends as the uninterrupted
+    run (which has no loader workers: the batches do not depend on them)."""
+    flags = [*TWO_TASKS, '--workers', '1', '--save-freq-steps', '0']     # only the stop checkpoints
+    (job,) = submit(repo, exp, 'scancel', 'run_with_submitit.py', *flags)
+    out = out_dir(repo, exp, 'scancel')
+    ckpt = os.path.join(out, 'checkpoint.pt')
+    wait_for(lambda: logged_step(out) >= 3, 'step 3')
+    subprocess.run(['scancel', job], check=True)
+    wait_for(lambda: job_info(job).get('JobState') in DONE, 'the cancelled job to end')
+    text = logs(out, tail=None)
+    stopped = [int(s) for s in re.findall(r'received SIGTERM: checkpoint saved at step (\d+)', text)]
+    assert stopped and 3 <= stopped[0] < 16 and ckpt_step(ckpt) == stopped[0], text
+    assert 'killed by signal' not in text and logged_step(out) == stopped[0], text
+    (again,) = submit(repo, exp, 'scancel', 'run_with_submitit.py', *flags)
+    wait_done(again, out)
+    text = logs(out, tail=None)
+    resumed = [int(s) for s in re.findall(r'resumed from \S+: epoch \d+, step (\d+)', text)]
+    assert resumed == [stopped[0]], text                       # resumed at the stop: no step lost
+    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a['step'] == b['step'] == 16
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    for i in a['optimizer']['state']:
+        for k in a['optimizer']['state'][i]:
+            assert torch.equal(a['optimizer']['state'][i][k], b['optimizer']['state'][i][k]), (i, k)
 
 
 def test_seed_sweep_gives_three_finished_experiments(slurm, repo, exp):
