@@ -13,7 +13,7 @@ import os
 import torch
 
 import augment
-import eval_zeroshot
+import checkpoint
 import evalsets
 import towers
 import utils
@@ -109,9 +109,9 @@ def main(argv=None):
         paths = image_paths(args)
         if not paths:
             raise ValueError(f'no image files in {args.img_dir}')
-        ckpt = utils.load_checkpoint(args.checkpoint)
+        ckpt = checkpoint.load_model_checkpoint(args.checkpoint, '--checkpoint')
         image_size = args.image_size or ckpt['args']['image_size']
-        model = eval_zeroshot.load_model(ckpt, image_size)
+        model = checkpoint.load_model(ckpt, image_size)
         if args.head not in zeroshot.model_heads(model):
             raise ValueError(f"--head {args.head!r}; valid: {', '.join(zeroshot.model_heads(model))}")
         images = [evalsets.pil_rgb(p) for p in paths]

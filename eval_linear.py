@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import checkpoint
 import datasets
 import evalsets
-import models
 import utils
 import zeroshot
 
-FINETUNE_KIND = 'finetune_classification'        # `kind` of finetune_classification.py's checkpoints
 HEADS = ('z', 'h', 'backbone')
 DEFAULT_WD_GRID = tuple(10.0 ** k for k in range(-6, 1))   # 1e-6 ... 1
 
@@ -73,27 +72,7 @@ def get_args_parser():
     return parser
 
 
-# ----------------------------------------------------------------------------- checkpoint
-
-def load_pretraining_checkpoint(path, flag='--resume'):
-    """A main.py checkpoint (weights_only load); one-line ValueError for anything else."""
-    ckpt = utils.load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{flag} {path}: not a checkpoint written by main.py (a {type(ckpt).__name__})")
-    if ckpt.get('kind') == FINETUNE_KIND:
-        raise ValueError(f"{flag} {path}: a fine-tuned classifier (finetune_classification.py); "
-                         f"{flag} takes a pre-training checkpoint written by main.py")
-    missing = [k for k in ('model', 'model_name', 'args') if k not in ckpt]
-    if missing:
-        raise ValueError(f"{flag} {path}: not a checkpoint written by main.py (no {', '.join(missing)})")
-    models.parse_model_name(ckpt['model_name'])
-    return ckpt
-
-
-def load_model(ckpt, image_size, device='cpu'):
-    import eval_zeroshot                  # its loader resamples ViT position embeddings
-    return eval_zeroshot.load_model(ckpt, image_size, device)
-
+# ----------------------------------------------------------------------------- model
 
 def check_head(model, head):
     valid = (*zeroshot.model_heads(model), 'backbone')
@@ -323,11 +302,11 @@ def main(argv=None):
     try:
         if args.batch_size <= 0 or args.max_iter <= 0 or not 0 <= args.holdout_fraction < 1:
             raise ValueError("--batch-size and --max-iter must be > 0, --holdout-fraction in [0, 1)")
-        ckpt = load_pretraining_checkpoint(args.resume)
+        ckpt = checkpoint.load_model_checkpoint(args.resume)
         image_size = args.image_size or ckpt['args']['image_size']
         device = torch.device('cuda' if args.device == 'cuda' or (
             args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
-        model = load_model(ckpt, image_size, device)
+        model = checkpoint.load_model(ckpt, image_size, device)
         check_head(model, args.head)
         train_set, test_set, classes = resolve_data(args, image_size)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -13,7 +13,6 @@ and prints a summary table.
 """
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -21,8 +20,8 @@ import sys
 
 import torch
 
+import checkpoint
 import evalsets
-import models
 import towers
 import utils
 import zeroshot
@@ -63,38 +62,6 @@ def get_args_parser():
     return parser
 
 
-# ----------------------------------------------------------------------------- model
-
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def adapt_state_dict(model, state):
-    """Resample ViT absolute position embeddings saved at another resolution."""
-    from timm.layers import resample_abs_pos_embed
-    own = model.state_dict()
-    state = dict(state)
-    for key, value in state.items():
-        if key.endswith('pos_embed') and key in own and own[key].shape != value.shape:
-            module = model.get_submodule(key.rsplit('.', 1)[0])
-            prefix = 0 if getattr(module, 'no_embed_class', False) else module.num_prefix_tokens
-            state[key] = resample_abs_pos_embed(value, new_size=list(module.patch_embed.grid_size),
-                                                num_prefix_tokens=prefix)
-    return state
-
-
-def load_model(ckpt, image_size, device='cpu'):
-    """The checkpoint's model built for `image_size`, weights loaded, in eval mode."""
-    flags = dict(ckpt['args'], image_size=image_size)
-    model = models.create_model_from_flags(ckpt['model_name'], flags)
-    model.load_state_dict(adapt_state_dict(model, ckpt['model']))
-    return model.to(device).eval()
-
-
 # ----------------------------------------------------------------------------- CLIP_benchmark
 
 class ClipBenchmarkModel(torch.nn.Module):
@@ -116,9 +83,9 @@ def load_for_clip_benchmark(model_name='z', pretrained='', cache_dir=None, devic
     """CLIP_benchmark loader: `--model HEAD[@SIZE] --pretrained CKPT` -> (model, transform,
     tokenizer), with the same transform and tokenizer as eval_zeroshot.py."""
     head, _, size = (model_name or 'z').partition('@')
-    ckpt = utils.load_checkpoint(pretrained)
+    ckpt = checkpoint.load_model_checkpoint(pretrained, '--pretrained')
     image_size = int(size) if size else ckpt['args']['image_size']
-    model = load_model(ckpt, image_size, device)
+    model = checkpoint.load_model(ckpt, image_size, device)
     if head not in zeroshot.model_heads(model):
         raise ValueError(f"head {head!r} not in {zeroshot.model_heads(model)}")
     return (ClipBenchmarkModel(model, head), evalsets.RGBTransform(image_size),
@@ -218,16 +185,16 @@ def main(argv=None):
         catalog, _, _ = zeroshot.load_catalog(args.catalog, args.labels, args.templates)
         names = zeroshot.expand_names(args.datasets, catalog)
         paths = parse_paths(args.path)
-        ckpt = utils.load_checkpoint(args.resume)
+        ckpt = checkpoint.load_model_checkpoint(args.resume)
         resolutions = args.resolutions or [args.image_size or ckpt['args']['image_size']]
         if min(resolutions) <= 0 or args.batch_size <= 0 or args.classes_per_batch <= 0:
             raise ValueError('--resolutions, --batch-size and --classes-per-batch must be > 0')
-        load_model(ckpt, resolutions[0])                        # fail early on a bad checkpoint
+        checkpoint.load_model(ckpt, resolutions[0])             # fail early on a bad checkpoint
     except (ValueError, FileNotFoundError, KeyError) as e:
         parser.error(str(e))
     device = torch.device('cuda' if args.device == 'cuda' or (
         args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
-    sha = file_sha256(args.resume)
+    sha = checkpoint.file_sha256(args.resume)
     here = os.path.dirname(os.path.abspath(args.resume))
     args.output_dir = args.output_dir or os.path.join(here, 'zeroshot')
     cache_dir = os.path.expanduser(args.cache_dir or os.path.join(here, 'text_cache'))
@@ -236,7 +203,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     rows, by_resolution = [], {}
     for image_size in resolutions:
-        model = load_model(ckpt, image_size, device)
+        model = checkpoint.load_model(ckpt, image_size, device)
         results = zeroshot.run(model, names, tokenizer, device, image_size, args.batch_size,
                                args.workers, args.data_root, paths, cache, args.classes_per_batch,
                                skip_missing=True, catalog=args.catalog, labels=args.labels,

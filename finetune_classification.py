@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import engine
 import eval_linear
 import models
@@ -49,7 +50,7 @@ import text
 import utils
 import zeroshot
 
-KIND = eval_linear.FINETUNE_KIND
+KIND = checkpoint.FINETUNE_KIND
 
 
 def get_args_parser():
@@ -151,7 +152,7 @@ def logit_scale(ckpt, head='z'):
 
 def build_classifier(pre, head, image_size, num_classes, device='cpu'):
     """(ImageClassifier with a random head, the CLIP model it came from) for a main.py checkpoint."""
-    clip = eval_linear.load_model(pre, image_size, device)
+    clip = checkpoint.load_model(pre, image_size, device)
     return ImageClassifier(clip, head, num_classes).to(device), clip
 
 
@@ -351,10 +352,10 @@ def train_one_epoch(model, ema, loader, optimizer, scaler, mixup, lr_at, state, 
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_finetune_checkpoint(path):
-    ckpt = utils.load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('kind') != KIND:
-        raise ValueError(f"--resume {path}: not a fine-tuning checkpoint (finetune_classification.py); "
-                         f"a main.py checkpoint goes to --pretrained")
+        raise ValueError(f"--resume {path}: not a fine-tuning checkpoint (finetune_classification.py) but "
+                         f"{checkpoint.describe(ckpt)}; a main.py checkpoint goes to --pretrained")
     return ckpt
 
 
@@ -370,7 +371,17 @@ def load_classifier(path, device='cpu', ema=True):
 
 
 def save(path, model, ema, optimizer, scaler, state, args, pre_name, pre_args, classes, image_size):
-    utils.save_atomic({
+    """Write a fine-tuning checkpoint (atomically, with its digest); a failed write stops the
+    run with one line, the previous checkpoint intact."""
+    try:
+        _save(path, model, ema, optimizer, scaler, state, args, pre_name, pre_args, classes, image_size)
+    except checkpoint.CheckpointWriteError as e:
+        raise SystemExit(f"finetune_classification.py: error: {e}; free some space and rerun the "
+                         f"same command to resume") from None
+
+
+def _save(path, model, ema, optimizer, scaler, state, args, pre_name, pre_args, classes, image_size):
+    checkpoint.save({
         'kind': KIND, 'model': model.state_dict(), 'ema': ema.module.state_dict() if ema else None,
         'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
         'epoch': state['epoch'], 'step': state['step'], 'best': state['best'],
@@ -399,7 +410,7 @@ def setup(args, device):
     ck = load_finetune_checkpoint(resume) if (args.resume or os.path.isfile(resume)) else None
     if ck is None and not args.pretrained:
         raise ValueError("--pretrained is required (a checkpoint written by main.py) unless resuming")
-    pre = eval_linear.load_pretraining_checkpoint(args.pretrained, '--pretrained') if args.pretrained else None
+    pre = checkpoint.load_model_checkpoint(args.pretrained, '--pretrained') if args.pretrained else None
     if ck is not None and pre is not None and pre['model_name'] != ck['model_name']:
         raise ValueError(f"{resume} fine-tunes a {ck['model_name']}, not the {pre['model_name']} of "
                          f"--pretrained; use another --output-dir")

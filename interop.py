@@ -26,6 +26,7 @@ import zipfile
 import torch
 import torch.nn as nn
 
+import checkpoint
 import models
 import utils
 
@@ -621,7 +622,7 @@ def write_openclip(out_dir, name, cfg, state, image_size):
     with open(os.path.join(out_dir, 'open_clip_config.json'), 'w') as f:
         json.dump({'model_cfg': cfg, 'preprocess_cfg': preprocess}, f, indent=2)
     path = os.path.join(out_dir, 'open_clip_pytorch_model.bin')
-    utils.save_atomic({k: v.contiguous() for k, v in state.items()}, path)
+    checkpoint.save_atomic({k: v.contiguous() for k, v in state.items()}, path)   # plain: OpenCLIP reads it
     return path
 
 
@@ -854,16 +855,14 @@ def save_ours(path, model, name, flags, source):
     and context length included), epoch/step 0 and where it came from."""
     args = {'model': name, **flags, 'image_size': model.image_size,
             'context_length': model.text_cfg.context_length}
-    utils.save_atomic({'model': model.state_dict(), 'model_name': name, 'args': args,
-                       'epoch': 0, 'step': 0, 'interop': source}, path)
+    checkpoint.save({'model': model.state_dict(), 'model_name': name, 'args': args,
+                     'epoch': 0, 'step': 0, 'interop': source}, path)
 
 
 def load_ours(path):
-    """(model, checkpoint) of one of our checkpoints, weights loaded."""
-    ckpt = utils.load_checkpoint(path)
-    model = models.create_model_from_flags(ckpt['model_name'], ckpt['args'])
-    model.load_state_dict(ckpt['model'])
-    return model.eval(), ckpt
+    """(model, checkpoint) of one of our checkpoints, verified, weights loaded, eval mode."""
+    ckpt = checkpoint.load_model_checkpoint(path, '--checkpoint')
+    return checkpoint.load_model(ckpt), ckpt
 
 
 def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False):
@@ -952,10 +951,10 @@ def main(argv=None):
             else:
                 out = to_upstream(model, args.to)
                 out.update({'epoch': ckpt.get('epoch', 0), 'args': {'model': ckpt['model_name'], **ckpt['args']}})
-                utils.save_atomic(out, args.out)
+                checkpoint.save_atomic(out, args.out)     # their layout, as they read it
                 notes = []
                 print(f"wrote {args.out} ({args.to} layout)")
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, checkpoint.CheckpointWriteError) as e:
         sys.exit(f"interop.py {args.command}: error: {e}")
     for note in notes:
         print(f"  note: {note}")

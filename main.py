@@ -17,6 +17,7 @@ import time
 import torch
 
 import augment
+import checkpoint
 import datasets
 import engine
 import losses
@@ -64,8 +65,8 @@ def get_args_parser():
     g.add_argument('--text-context', type=int, default=32,
                    help='tokens kept by --text-reduction, SOT/EOT included (32)')
     g.add_argument('--finetune', default='',
-                   help='start from the weights of this checkpoint (not its optimizer/step); ViT '
-                        'position embeddings resampled to --image-size')
+                   help='start from the weights of this checkpoint (main.py, interop.py import, or a plain '
+                        'state dict; not its optimizer/step); ViT position embeddings resampled to --image-size')
     g.add_argument('--checkpoint-grad', action='store_true',
                    help='activation checkpointing in both towers: less memory, ~20%% slower')
     g.add_argument('--compile', action='store_true',
@@ -177,8 +178,8 @@ def get_args_parser():
     g.add_argument('--save-freq-steps', type=int, default=0,
                    help='also checkpoint every N optimizer steps (0: epoch ends only)')
     g.add_argument('--keep-checkpoints', type=int, default=2,
-                   help='checkpoints kept (checkpoint.pt, checkpoint.1.pt, ...), each with its size and '
-                        'SHA-256 in checkpoint.pt.json; a corrupted newest one falls back to the previous (2)')
+                   help='checkpoints kept (checkpoint.pt, checkpoint.1.pt, ...), each with the SHA-256 '
+                        'digest of its contents inside; a corrupted newest one falls back to the previous (2)')
     g.add_argument('--max-bad-steps', type=int, default=20,
                    help='stop (with a checkpoint) after this many non-finite steps in a row (20; 0: never)')
     g.add_argument('--exit-after-steps', type=int, default=0,
@@ -269,10 +270,11 @@ def resolve_args(args):
     if args.text_reduction != 'none' and not 3 <= args.text_context <= args.context_length:
         raise ValueError(f"--text-context must be in [3, --context-length {args.context_length}], "
                          f"got {args.text_context}")
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise ValueError(f"--finetune: no such file {args.finetune!r}")
-    if args.resume and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume: no such file {args.resume!r}")
+    for flag, path in (('--finetune', args.finetune), ('--resume', args.resume)):
+        if path and os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a directory; pass a checkpoint file (e.g. {path}/checkpoint.pt)")
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag}: no such file {path!r}")
     if args.compile and not any(shutil.which(c) for c in CXX_COMPILERS):
         raise ValueError("--compile needs a C++ compiler for torch.compile's generated kernels "
                          f"(none of {', '.join(CXX_COMPILERS)} on PATH); install g++ or drop --compile")
@@ -323,19 +325,47 @@ def build_optimizer(model, args):
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def load_resume_checkpoint(args):
+    """-> (path, verified main.py checkpoint) of --resume, or the newest good one of output-dir,
+    or (None, None) for a fresh run; anything unusable stops the run with one line."""
+    if args.resume:
+        try:
+            return args.resume, require_training_checkpoint(checkpoint.load_checkpoint(args.resume),
+                                                            args.resume)
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"main.py: error: --resume: {e}") from None
+    latest = os.path.join(args.output_dir, 'checkpoint.pt')
+    candidates = checkpoint.rotated_paths(latest, max(1, args.keep_checkpoints))
+    for p in candidates:
+        if os.path.exists(p) and not os.path.isfile(p):
+            raise SystemExit(f"main.py: error: {p} is not a file (a directory?); move it away, "
+                             f"or pass --resume FILE or another --output-dir")
+    ckpt, path = checkpoint.load_latest_good(latest, args.keep_checkpoints)
+    if ckpt is None and any(os.path.isfile(p) for p in candidates):
+        raise SystemExit(f"main.py: error: no readable checkpoint among {', '.join(candidates)}; "
+                         f"pass --resume FILE or another --output-dir")
+    return path, (require_training_checkpoint(ckpt, path) if ckpt is not None else None)
+
+
+def require_training_checkpoint(ckpt, path):
+    """`ckpt` if main.py can resume it, else SystemExit saying what the file is and what to pass."""
+    if isinstance(ckpt, dict) and all(k in ckpt for k in ('model', 'model_name', 'optimizer', 'scaler', 'state')):
+        return ckpt
+    what = checkpoint.describe(ckpt)
+    if isinstance(ckpt, dict) and ckpt.get('kind') == checkpoint.FINETUNE_KIND:
+        hint = "resume it with finetune_classification.py --resume"
+    elif isinstance(ckpt, dict) and ('model' in ckpt or what.startswith('a plain state dict')):
+        hint = f"to train from its weights pass --finetune {path} (and no --resume)"
+    else:
+        hint = "pass a checkpoint.pt written by main.py"
+    raise SystemExit(f"main.py: error: {path} is {what}, not a main.py checkpoint to resume; {hint}")
+
+
 def resume_checkpoint(args, model, optimizer, scaler):
     """Load the checkpoint to resume from, if any -> (TrainState, best_top1)."""
-    if args.resume:
-        path, ckpt = args.resume, utils.load_checkpoint(args.resume)
-    else:
-        latest = os.path.join(args.output_dir, 'checkpoint.pt')
-        candidates = utils.rotated_paths(latest, max(1, args.keep_checkpoints))
-        ckpt, path = utils.load_latest_good(latest, args.keep_checkpoints)
-        if ckpt is None and any(os.path.isfile(p) for p in candidates):
-            raise SystemExit(f"main.py: error: no readable checkpoint among {', '.join(candidates)}; "
-                             f"pass --resume FILE or another --output-dir")
-        if ckpt is None:
-            return engine.TrainState(), None
+    path, ckpt = load_resume_checkpoint(args)
+    if ckpt is None:
+        return engine.TrainState(), None
     if ckpt.get('model_name') != args.model:
         raise SystemExit(f"main.py: error: checkpoint {path} holds a {ckpt.get('model_name')} "
                          f"model, not {args.model}; pass --model {ckpt.get('model_name')} "
@@ -359,21 +389,35 @@ def resume_checkpoint(args, model, optimizer, scaler):
 
 
 def save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep=1):
-    """Write a checkpoint (atomically, `keep` versions with checksums); a failed write
+    """Write a checkpoint (atomically, `keep` versions, each with its digest); a failed write
     (disk full) stops the run with the earlier checkpoints intact."""
     try:
         _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep)
-    except utils.CheckpointWriteError as e:
+    except checkpoint.CheckpointWriteError as e:
         raise SystemExit(f"main.py: error: {e}; free some space and rerun the same command to resume") from None
 
 
 def _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep):
-    utils.save_on_master({
+    checkpoint.save_on_master({
         'model': engine.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict(), 'epoch': state.epoch, 'step': state.step,
         'state': state.as_dict(), 'args': plain_args(args), 'model_name': args.model,
         'rng': utils.rng_state(), 'rng_ranks': utils.all_rng_states(), 'best_top1': best_top1},
         path, keep)
+
+
+def load_finetune_weights(model, path):
+    """--finetune: the weights of a main.py / interop.py checkpoint (or a plain state dict) into
+    `model`, position embeddings resampled -> (loaded, skipped, missing); else one line."""
+    try:
+        ckpt = checkpoint.load_checkpoint(path)
+        state = ckpt.get('model') if isinstance(ckpt, dict) and 'model_name' in ckpt else ckpt
+        if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+            raise ValueError(f"{path} is {checkpoint.describe(ckpt)}; pass a checkpoint written by "
+                             f"main.py or interop.py import, or a state dict")
+        return models.load_weights(model, state)
+    except ValueError as e:
+        raise SystemExit(f"main.py: error: --finetune: {e}") from None
 
 
 def compile_for_training(model):
@@ -413,7 +457,7 @@ def main(argv=None, args=None):
     print(f"git: {utils.git_sha()}")
     print(json.dumps(plain_args(args), sort_keys=True))
     if utils.is_main_process():
-        utils.remove_stale_temporaries(args.output_dir)   # from a run killed mid-write
+        checkpoint.remove_stale_temporaries(args.output_dir)   # from a run killed mid-write
         with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
             json.dump(plain_args(args), f, indent=2)
         with open(os.path.join(args.output_dir, 'command.txt'), 'a') as f:
@@ -422,7 +466,7 @@ def main(argv=None, args=None):
 
     model = models.create_model_from_flags(args.model, args).to(device)
     if args.finetune:
-        loaded, skipped, missing = models.load_weights(model, utils.load_checkpoint(args.finetune)['model'])
+        loaded, skipped, missing = load_finetune_weights(model, args.finetune)
         print(f"fine-tuning from {args.finetune}: {len(loaded)} tensors loaded, {len(skipped)} "
               f"skipped {skipped[:5]}, {len(missing)} left at init {missing[:5]}")
     towers.prepare(model, args)     # --image-pretrained, then --lock-image / --lock-text
@@ -466,19 +510,19 @@ def main(argv=None, args=None):
     steps_at_start = state.step
     stop = utils.StopSignals(device)            # SIGTERM / SIGUSR1: finish the step, checkpoint, exit
 
-    def checkpoint():
+    def save_latest():
         save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1, args.keep_checkpoints)
 
     def on_step(terms):
         if args.save_freq_steps and state.step % args.save_freq_steps == 0:
-            checkpoint()
+            save_latest()
         if stop.requested():
-            checkpoint()
+            save_latest()
             print(f"received {stop.name}: checkpoint saved at step {state.step}; "
                   f"rerun the same command to resume")
             state.stop = True
         if args.max_bad_steps and state.bad_in_a_row >= args.max_bad_steps:
-            checkpoint()                         # skipped steps change nothing: the last good state
+            save_latest()                        # skipped steps change nothing: the last good state
             raise SystemExit(f"main.py: error: {state.bad_in_a_row} steps in a row had a non-finite "
                              f"loss or gradient (--max-bad-steps {args.max_bad_steps}); the last good "
                              f"state is saved in {ckpt_path}; lower --lr or check the data, then rerun")
@@ -487,7 +531,7 @@ def main(argv=None, args=None):
                               {'step': state.step, 'epoch': state.epoch,
                                **{k: float(v.detach()) for k, v in terms.items()}})
         if args.exit_after_steps and state.step - steps_at_start >= args.exit_after_steps:
-            checkpoint()
+            save_latest()
             print(f"stopping after {args.exit_after_steps} steps as asked (--exit-after-steps); "
                   f"rerun the same command to resume")
             state.stop = True
@@ -522,7 +566,7 @@ def main(argv=None, args=None):
                     best_top1 = top1
                     save_checkpoint(os.path.join(args.output_dir, 'checkpoint_best.pt'), args, model,
                                     optimizer, scaler, state, best_top1)
-            checkpoint()
+            save_latest()
             utils.append_json(os.path.join(args.output_dir, 'log.txt'), log)
             if wandb_run is not None:
                 wandb_run.log(log, step=state.step)

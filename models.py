@@ -553,23 +553,31 @@ class CL2L(CLIP):
 BASES.register('CL2L', CL2L)
 
 
+def resample_position_embeddings(model, state):
+    """`state` with every ViT absolute position embedding saved for another patch grid (another
+    image size) resampled to `model`'s grid; other entries as they are (a new dict)."""
+    from timm.layers import resample_abs_pos_embed
+    own, state = model.state_dict(), dict(state)
+    for key, value in state.items():
+        if not (key.endswith('pos_embed') and key in own and own[key].shape != value.shape):
+            continue
+        module = model.get_submodule(key.rsplit('.', 1)[0]) if '.' in key else model
+        if getattr(module, 'patch_embed', None) is None:
+            continue
+        prefix = 0 if getattr(module, 'no_embed_class', False) else module.num_prefix_tokens
+        state[key] = resample_abs_pos_embed(value, new_size=list(module.patch_embed.grid_size),
+                                            num_prefix_tokens=prefix, verbose=False)
+    return state
+
+
 def load_weights(model, state):
     """Load a state dict for fine-tuning (CLIPA: pre-train at low resolution, fine-tune at full):
     ViT position embeddings are resampled to the model's patch grid; tensors whose shape still
     differs and keys the model lacks are reported, not loaded. -> (loaded, skipped, missing)."""
-    from timm.layers import resample_abs_pos_embed
     own = model.state_dict()
     loaded, skipped = {}, []
-    for key, value in state.items():
-        if key not in own:
-            skipped.append(key)
-            continue
-        if key.endswith('visual.pos_embed') and value.shape != own[key].shape:
-            visual = model.get_submodule(key[:-len('.pos_embed')])
-            prefix = 0 if getattr(visual, 'no_embed_class', False) else visual.num_prefix_tokens
-            value = resample_abs_pos_embed(value, new_size=visual.patch_embed.grid_size,
-                                           num_prefix_tokens=prefix, verbose=False)
-        if value.shape != own[key].shape:
+    for key, value in resample_position_embeddings(model, state).items():
+        if key not in own or value.shape != own[key].shape:
             skipped.append(key)
             continue
         loaded[key] = value

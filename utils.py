@@ -1,11 +1,10 @@
 """Distributed init and rank helpers (safe without a process group), seeding and RNG state,
-atomic checkpoint save and safe load, the graceful stop on SIGTERM / SIGUSR1 (and loader workers
-that leave those signals to it), small logging helpers."""
+the graceful stop on SIGTERM / SIGUSR1 (and loader workers that leave those signals to it),
+small logging helpers (checkpoints: checkpoint.py)."""
 import argparse
 import builtins
 import datetime
 import functools
-import hashlib
 import json
 import os
 import random
@@ -170,130 +169,6 @@ def _tuples_to_lists(x):
 
 def _lists_to_tuples(x):
     return tuple(_lists_to_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same directory, fsync, then os.replace."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_on_master(obj, path, keep=1):
-    if is_main_process():
-        save_rotating(obj, path, keep)
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, ...); the previous ones are intact."""
-
-
-def rotated_paths(path, keep):
-    """checkpoint.pt, checkpoint.1.pt, ... : the newest first, `keep` of them."""
-    stem, ext = os.path.splitext(path)
-    return [path] + [f'{stem}.{i}{ext}' for i in range(1, keep)]
-
-
-def save_rotating(obj, path, keep=1):
-    """Write `obj` atomically as `path`, the previous `keep - 1` versions shifted to
-    path.1, path.2 ...; `path.json` lists the size and SHA-256 of every good version, so a
-    truncated or corrupted file is recognised at resume. The record is written before the
-    renames, and lists contents (not names): a kill at any moment leaves every checkpoint file
-    either verifiable or absent. A failed write (e.g. ENOSPC) leaves every earlier checkpoint as
-    it was and raises CheckpointWriteError."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    keep = max(1, keep)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = file_digest(tmp)
-        good = [d for d in read_manifest(path) if d != digest][-keep:] + [digest]
-        write_json_atomic({'good': good}, f'{path}.json')
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {e.strerror or e}; "
-                                   f"the previous checkpoint is intact") from None
-    paths = rotated_paths(path, keep)
-    for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1])):   # .1 -> .2, path -> .1
-        if os.path.exists(newer):
-            os.replace(newer, older)
-    os.replace(tmp, path)
-
-
-def remove_stale_temporaries(folder):
-    """Delete `*.tmp.<pid>` files left by a process killed inside an atomic write."""
-    for name in os.listdir(folder):
-        if '.tmp.' in name and name.rsplit('.tmp.', 1)[1].isdigit():
-            os.remove(os.path.join(folder, name))
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return {'size': os.path.getsize(path), 'sha256': h.hexdigest()}
-
-
-def read_manifest(path):
-    """The recorded digests of the good checkpoint versions of `path` (oldest first)."""
-    try:
-        with open(f'{path}.json') as f:
-            good = json.load(f).get('good', [])
-        return [d for d in good if isinstance(d, dict)]
-    except (OSError, ValueError, AttributeError):
-        return []
-
-
-def write_json_atomic(obj, path):
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_latest_good(path, keep):
-    """The newest of path, path.1, ... whose size and SHA-256 are on record (or, with no record
-    at all, that loads) -> (checkpoint dict, file) or (None, None) if none exists. A bad newer
-    file is reported with a warning and skipped."""
-    good = read_manifest(path)
-    for candidate in rotated_paths(path, max(1, keep)):
-        if not os.path.isfile(candidate):
-            continue
-        if good and file_digest(candidate) not in good:
-            print(f"warning: checkpoint {candidate} is corrupted or truncated (its size/SHA-256 "
-                  f"is not in {path}.json); trying the previous one")
-            continue
-        try:
-            return load_checkpoint(candidate), candidate
-        except ValueError as e:
-            print(f"warning: {e}; trying the previous one")
-    return None, None
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """Load without executing pickled code; a clear one-line error otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling refused, truncated file, not a checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load checkpoint {path} safely: {first}") from None
 
 
 class StopSignals:

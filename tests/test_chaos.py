@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import utils
+import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--shapes-num-train', '768', '--batch-size', '32', '--epochs', '2', '--print-freq', '1',
@@ -64,7 +64,7 @@ def _checkpoint_step(out):
     """The step a restart resumes from (the newest verifiable checkpoint)."""
     if not os.path.isdir(out):
         return 0
-    ckpt, _ = utils.load_latest_good(os.path.join(out, 'checkpoint.pt'), keep=2)
+    ckpt, _ = checkpoint.load_latest_good(os.path.join(out, 'checkpoint.pt'), keep=2)
     return ckpt['step'] if ckpt else 0
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import eval_linear
-import utils
 from zs_helpers import tiny_checkpoint
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220), (230, 210, 50), (200, 60, 210), (40, 200, 210)]
@@ -65,8 +65,8 @@ def test_probe_separates_colours_shuffled_labels_stay_at_chance(tmp_path, data, 
     assert set(record['holdout_top1']) == {str(float(w)) for w in grid}
     assert {'top1', 'top5', 'mean_per_class_recall'} <= set(record)
 
-    ck = eval_linear.load_pretraining_checkpoint(ckpt)             # control: the same features,
-    model = eval_linear.load_model(ck, 32)                          # training labels permuted
+    ck = checkpoint.load_model_checkpoint(ckpt)             # control: the same features,
+    model = checkpoint.load_model(ck, 32)                          # training labels permuted
     train_set, test_set, classes = eval_linear.folder_pair(str(train_dir), str(val_dir), 32)
     x, y = eval_linear.extract_features(model, train_set, 'backbone', torch.device('cpu'))
     xt, yt = eval_linear.extract_features(model, test_set, 'backbone', torch.device('cpu'))
@@ -76,8 +76,8 @@ def test_probe_separates_colours_shuffled_labels_stay_at_chance(tmp_path, data, 
 
 
 def test_z_head_features_are_the_normalised_embedding(data, ckpt):
-    ck = eval_linear.load_pretraining_checkpoint(ckpt)
-    model = eval_linear.load_model(ck, 32)
+    ck = checkpoint.load_model_checkpoint(ckpt)
+    model = checkpoint.load_model(ck, 32)
     dataset = eval_linear.image_folder(str(data[1]), 32, '--val-dir')
     x, y = eval_linear.extract_features(model, dataset, 'z', torch.device('cpu'), batch_size=10)
     images = torch.stack([dataset[i]['image'] for i in range(3)])
@@ -152,8 +152,8 @@ def test_shapes_catalog_entry_runs(tmp_path, ckpt):
 def test_one_line_errors(tmp_path, data, ckpt, capsys):
     train_dir, val_dir = data
     other = tmp_path / 'other_kind.pt'
-    utils.save_atomic({'kind': eval_linear.FINETUNE_KIND, 'model': {}, 'model_name': 'CLIP_TINYCNN_CLIP',
-                       'args': {}}, str(other))
+    checkpoint.save({'kind': checkpoint.FINETUNE_KIND, 'model': {}, 'model_name': 'CLIP_TINYCNN_CLIP',
+                     'args': {}}, str(other))
     plain = tmp_path / 'plain.pt'
     torch.save({'state_dict': {}}, plain)
     (tmp_path / 'fewer' / 'red').mkdir(parents=True)

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import datasets
 import eval_linear
 import finetune_classification as ft
 import models
-import utils
 import zeroshot
 from test_eval_linear import make_colour_folder
 from zs_helpers import tiny_checkpoint
@@ -92,8 +92,8 @@ def test_finetune_learns_and_resumes_bit_identically(tmp_path, data, ckpt, capsy
     ft.main(run_args(ckpt, data, parts))                            # the same command resumes
     assert 'resumed from' in capsys.readouterr().out
     assert [r['epoch'] for r in read_log(parts)] == [0, 1, 2, 3]
-    a = utils.load_checkpoint(str(full / 'checkpoint.pt'))
-    b = utils.load_checkpoint(str(parts / 'checkpoint.pt'))
+    a = checkpoint.load_checkpoint(str(full / 'checkpoint.pt'))
+    b = checkpoint.load_checkpoint(str(parts / 'checkpoint.pt'))
     for key in ('model', 'ema'):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key

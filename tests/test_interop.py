@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import eval_zeroshot
+import checkpoint
 import interop
 import models
 import towers
-import utils
 
 TOL = 1e-5
 # OpenCLIP configs with random weights, small enough for a CPU test
@@ -76,9 +75,9 @@ def test_openclip_checkpoint_imports_via_cli(tmp_path, tokenizer):
     out = tmp_path / 'ours.pt'
     interop.main(['import', '--from', 'openclip', '--checkpoint', str(tmp_path / 'epoch_3.pt'),
                   '--openclip-model', 'tiny-oc-interop', '--model', 'CLIP_TINYVIT_CLIP', '--out', str(out)])
-    ckpt = utils.load_checkpoint(str(out))                              # weights_only
+    ckpt = checkpoint.load_checkpoint(str(out))                              # weights_only
     assert ckpt['model_name'] == 'CLIP_TINYVIT_CLIP' and 'image_tower' not in ckpt['args']
-    ours = eval_zeroshot.load_model(ckpt, ckpt['args']['image_size'])
+    ours = checkpoint.load_model(ckpt, ckpt['args']['image_size'])
     _same_outputs(oc, ours, tokenizer, 32)
     fresh = models.create_model_from_flags('CLIP_TINYVIT_CLIP', ckpt['args'])     # main.py --finetune
     loaded, skipped, missing = models.load_weights(fresh, ckpt['model'])
@@ -177,10 +176,10 @@ def test_openai_vitb32_builds_the_matching_timm_tower(tmp_path, tokenizer):
     torch.save(oc.state_dict(), tmp_path / 'ViT-B-32.pt')
     interop.main(['import', '--from', 'openai', '--checkpoint', str(tmp_path / 'ViT-B-32.pt'),
                   '--model', 'CLIP_VITB32_CLIP', '--out', str(tmp_path / 'ours.pt')])
-    ckpt = utils.load_checkpoint(str(tmp_path / 'ours.pt'))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / 'ours.pt'))
     assert ckpt['args']['image_tower'] == 'vit_base_patch32_clip_quickgelu_224'
     assert ckpt['args']['text_act'] == 'quick_gelu' and ckpt['args']['embed_dim'] == 512
-    ours = eval_zeroshot.load_model(ckpt, 64)
+    ours = checkpoint.load_model(ckpt, 64)
     _same_outputs(oc, ours, tokenizer, 64)
     cfg_out, _, _ = interop.to_openclip(ours)                           # exports back to OpenCLIP's own ViT
     assert cfg_out['quick_gelu'] and cfg_out['vision_cfg'] == {**cfg['vision_cfg'], 'head_width': 64, 'mlp_ratio': 4.0}

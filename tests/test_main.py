@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import engine
 import eval_zeroshot
 import losses
 import main as train
 import models
-import utils
 
 TINY = ['--shapes-num-train', '512', '--batch-size', '64', '--print-freq', '1',
         '--zeroshot-datasets', 'shapes']
@@ -163,7 +163,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path):
     path = str(tmp_path / 'evil.pt')
     torch.save({'model': Evil()}, path)
     with pytest.raises(ValueError, match='cannot load checkpoint'):
-        utils.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not os.path.exists(tmp_path / 'pwned')
 
 

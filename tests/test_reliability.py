@@ -1,6 +1,7 @@
-"""Reliability: rotated checkpoints with checksums, fallback from a corrupted newest one,
+"""Reliability: rotated checkpoints with digests, fallback from a corrupted newest one,
 disk full during a write, non-finite step budget, graceful stop on SIGTERM / SIGUSR1 (also when
 the signal reaches every process of the job, loader workers included, as scancel sends it)."""
+import contextlib
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data._utils import signal_handling
 
+import checkpoint
 import datagen
 import losses
 import main as train
@@ -38,24 +40,23 @@ def _assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_rotation_keeps_n_files_with_checksums(tmp_path):
+def test_rotation_keeps_n_files_each_with_its_digest(tmp_path):
     path = str(tmp_path / 'checkpoint.pt')
     for i in range(3):
-        utils.save_rotating({'i': torch.tensor(i)}, path, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint.1.pt', 'checkpoint.pt', 'checkpoint.pt.json']
-    assert int(torch.load(path, weights_only=True)['i']) == 2
-    assert int(torch.load(tmp_path / 'checkpoint.1.pt', weights_only=True)['i']) == 1
-    good = json.loads((tmp_path / 'checkpoint.pt.json').read_text())['good']
-    assert len(good) == 3 and good[-1] == utils.file_digest(path)
-    assert utils.file_digest(str(tmp_path / 'checkpoint.1.pt')) in good
+        checkpoint.save({'i': torch.tensor(i)}, path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.1.pt', 'checkpoint.pt']
+    for name, i in [('checkpoint.pt', 2), ('checkpoint.1.pt', 1)]:
+        raw = torch.load(tmp_path / name, weights_only=True)
+        assert int(raw['i']) == i and raw['digest'] == checkpoint.content_digest({'i': torch.tensor(i)})
+        assert int(checkpoint.load_checkpoint(str(tmp_path / name))['i']) == i
 
 
 def test_kill_between_the_rotation_renames_keeps_a_verifiable_checkpoint(tmp_path):
     path = str(tmp_path / 'checkpoint.pt')
     for i in range(3):
-        utils.save_rotating({'i': torch.tensor(i)}, path, keep=2)
+        checkpoint.save({'i': torch.tensor(i)}, path, keep=2)
     os.replace(path, tmp_path / 'checkpoint.1.pt')     # the first rename of a 4th save, then killed
-    ckpt, used = utils.load_latest_good(path, keep=2)
+    ckpt, used = checkpoint.load_latest_good(path, keep=2)
     assert used.endswith('checkpoint.1.pt') and int(ckpt['i']) == 2
 
 
@@ -63,7 +64,7 @@ def test_kill_between_the_rotation_renames_keeps_a_verifiable_checkpoint(tmp_pat
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, capsys):
     path = str(tmp_path / 'checkpoint.pt')
     for i in range(2):
-        utils.save_rotating({'i': torch.tensor(i), 'pad': torch.zeros(1000)}, path, keep=2)
+        checkpoint.save({'i': torch.tensor(i), 'pad': torch.zeros(1000)}, path, keep=2)
     if damage == 'truncate':
         os.truncate(path, os.path.getsize(path) // 2)
     elif damage == 'flip_byte':
@@ -74,7 +75,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, 
             f.write(bytes([byte[0] ^ 0xFF]))
     else:
         os.remove(path)
-    ckpt, used = utils.load_latest_good(path, keep=2)
+    ckpt, used = checkpoint.load_latest_good(path, keep=2)
     assert used.endswith('checkpoint.1.pt') and int(ckpt['i']) == 0
     if damage != 'delete':
         assert 'corrupted or truncated' in capsys.readouterr().out
@@ -97,19 +98,91 @@ def test_training_resumes_from_previous_checkpoint_when_newest_is_corrupt(tmp_pa
 def test_disk_full_keeps_the_previous_checkpoint_and_stops_clearly(tmp_path, monkeypatch):
     out = tmp_path / 'out'
     _run(out, '--epochs', '1')
-    before = utils.file_digest(str(out / 'checkpoint.pt'))
+    before = checkpoint.file_digest(str(out / 'checkpoint.pt'))
     real_save = torch.save
 
     def full_disk(obj, f, *a, **kw):
         real_save(obj, f, *a, **kw)
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(utils.torch, 'save', full_disk)
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
     with pytest.raises(SystemExit, match='No space left on device.*previous checkpoint is intact'):
         _run(out, '--epochs', '2')
-    assert utils.file_digest(str(out / 'checkpoint.pt')) == before
+    assert checkpoint.file_digest(str(out / 'checkpoint.pt')) == before
     assert not [n for n in os.listdir(out) if '.tmp.' in n]     # no partial file left behind
-    monkeypatch.setattr(utils.torch, 'save', real_save)
+    monkeypatch.setattr(checkpoint.torch, 'save', real_save)
     assert _weights(out / 'checkpoint.pt')[2] == 8
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A real small filesystem at `path` (root only); skipped where mount is impossible, a
+    failure under CI=true. `size` is a mount size such as '64k'."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                              capture_output=True, text=True)
+        why = done.stderr.strip() or f'exit {done.returncode}'
+    except OSError as e:
+        done, why = None, str(e)
+    if done is None or done.returncode != 0:
+        if os.environ.get('CI') == 'true':
+            pytest.fail(f'cannot mount a tmpfs (CI must run this test): {why}')
+        pytest.skip(f'cannot mount a tmpfs (needs root): {why}')
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', str(path)], check=True)
+
+
+def _resize(path, size):
+    subprocess.run(['mount', '-o', f'remount,size={size}', str(path)], check=True)
+
+
+@pytest.mark.parametrize('write', ['save', 'save_atomic'])
+def test_full_filesystem_leaves_no_partial_file_and_the_old_one_intact(tmp_path, write):
+    """A real ENOSPC: torch.save raises RuntimeError (not OSError) on it."""
+    with tmpfs(tmp_path / 'small', '256k') as small:
+        path = str(small / 'checkpoint.pt')
+        getattr(checkpoint, write)({'w': torch.ones(1000)}, path)
+        before = checkpoint.file_digest(path)
+        with pytest.raises(checkpoint.CheckpointWriteError, match='No space left on device.*intact'):
+            getattr(checkpoint, write)({'w': torch.ones(100_000)}, path)       # 400 kB
+        assert os.listdir(small) == ['checkpoint.pt']                         # no temp file
+        assert checkpoint.file_digest(path) == before
+        assert torch.equal(checkpoint.load_checkpoint(path)['w'], torch.ones(1000))
+
+
+def _cli(out):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline'}
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *TINY, '--epochs', '2',
+                           '--output-dir', str(out)], env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.slow
+def test_real_full_disk_stops_with_one_line_and_the_same_command_resumes(tmp_path):
+    """main.py on a tmpfs that holds the first epoch's checkpoints but not the second's."""
+    with tmpfs(tmp_path / 'disk', '1g') as out:
+        first = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *TINY, '--epochs', '1',
+                                '--output-dir', str(out)], env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                               capture_output=True, text=True, timeout=1200)
+        assert first.returncode == 0, first.stderr[-2000:]
+        size = os.path.getsize(out / 'checkpoint.pt')
+        used = sum(os.path.getsize(out / n) for n in os.listdir(out))
+        _resize(out, used + size // 2)                  # epoch 2's checkpoint cannot fit
+        full = _cli(out)
+        assert full.returncode == 1, full.stderr[-2000:]
+        assert 'Traceback' not in full.stderr, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if 'error' in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith('main.py: error: could not write checkpoint'), errors
+        assert 'No space left on device' in errors[0] and 'rerun the same command' in errors[0]
+        assert not [n for n in os.listdir(out) if '.tmp.' in n]                # no partial file
+        ckpt = checkpoint.load_checkpoint(str(out / 'checkpoint.pt'))          # verified
+        assert ckpt['step'] == 8 and ckpt['epoch'] == 1
+        _resize(out, '1g')                              # space freed
+        again = _cli(out)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"resumed from {out / 'checkpoint.pt'}: epoch 1, step 8" in again.stdout
+        assert checkpoint.load_checkpoint(str(out / 'checkpoint.pt'))['step'] == 16
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

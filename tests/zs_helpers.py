@@ -186,9 +186,9 @@ def make_flickr(root, items=RETRIEVAL):
 
 def tiny_checkpoint(path, name='CLIP_TINYVIT_CLIP', image_size=32, seed=0):
     import models
-    import utils
+    import checkpoint
     torch.manual_seed(seed)
     model = models.create_model(name, image_size=image_size)
-    utils.save_atomic({'model': model.state_dict(), 'model_name': name,
-                       'args': {'image_size': image_size, 'context_length': 77}}, str(path))
+    checkpoint.save({'model': model.state_dict(), 'model_name': name,
+                     'args': {'image_size': image_size, 'context_length': 77}}, str(path))
     return str(path)
