@@ -300,8 +300,12 @@ def main(argv=None):
     parser = utils.OneLineErrorParser('eval_linear.py', parents=[get_args_parser()])
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        if args.batch_size <= 0 or args.max_iter <= 0 or not 0 <= args.holdout_fraction < 1:
-            raise ValueError("--batch-size and --max-iter must be > 0, --holdout-fraction in [0, 1)")
+        utils.check_counts(args, positive=['batch_size', 'max_iter', 'image_size', 'shapes_num_train'],
+                           non_negative=['workers'])
+        if not 0 <= args.holdout_fraction < 1:
+            raise ValueError("--holdout-fraction must be in [0, 1)")
+        if args.output:
+            utils.check_output_path(args.output, '--output')
         ckpt = checkpoint.load_model_checkpoint(args.resume)
         image_size = args.image_size or ckpt['args']['image_size']
         device = torch.device('cuda' if args.device == 'cuda' or (

@@ -49,7 +49,7 @@ def get_args_parser():
     parser.add_argument('--cache-dir', default=None,
                         help='on-disk text-feature cache keyed by (checkpoint hash, class names, templates, '
                              'context length); a second run skips the text tower '
-                             '(default: text_cache/ beside the checkpoint)')
+                             '(default: $XDG_CACHE_HOME/vlp-baselines/text_cache, ~/.cache/... without it)')
     parser.add_argument('--no-cache', action='store_true', help='do not read or write the text-feature cache')
     parser.add_argument('--output-dir', default=None,
                         help='one JSON per (model, dataset, resolution) and results.csv go here '
@@ -175,6 +175,41 @@ def parse_paths(items):
     return paths
 
 
+def default_cache_dir():
+    """$XDG_CACHE_HOME/vlp-baselines/text_cache: it works for a checkpoint in a read-only
+    directory and serves every checkpoint (the cache keys hold the checkpoint's SHA-256)."""
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(root, 'vlp-baselines', 'text_cache')
+
+
+def text_cache(sha, args):
+    """The text-feature cache; in memory only (one warning line) if its directory is not writable."""
+    if args.no_cache:
+        return zeroshot.TextCache(sha, None)
+    directory = os.path.expanduser(args.cache_dir or default_cache_dir())
+    try:
+        utils.check_output_path(directory, '--cache-dir', is_dir=True)
+    except ValueError as e:
+        print(f"warning: {e}; text features are not cached")
+        directory = None
+    return zeroshot.TextCache(sha, directory)
+
+
+def check_outputs(args, parser):
+    """A one-line parser error unless every result file can be written (fills --output-dir)."""
+    default = '' if args.output_dir else ' (the default, beside the checkpoint; pass --output-dir DIR)'
+    args.output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'zeroshot')
+    try:
+        utils.check_output_path(args.output_dir, '--output-dir', is_dir=True)
+    except ValueError as e:
+        parser.error(f"{e}{default}")
+    try:
+        if args.output:
+            utils.check_output_path(args.output, '--output')
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['clip_benchmark']:
@@ -182,6 +217,8 @@ def main(argv=None):
     parser = utils.OneLineErrorParser('eval_zeroshot.py', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
+        utils.check_counts(args, positive=['batch_size', 'classes_per_batch', 'image_size'],
+                           non_negative=['workers'])
         catalog, _, _ = zeroshot.load_catalog(args.catalog, args.labels, args.templates)
         names = zeroshot.expand_names(args.datasets, catalog)
         paths = parse_paths(args.path)
@@ -194,11 +231,9 @@ def main(argv=None):
         parser.error(str(e))
     device = torch.device('cuda' if args.device == 'cuda' or (
         args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
+    check_outputs(args, parser)                                 # before the evaluation, not after it
     sha = checkpoint.file_sha256(args.resume)
-    here = os.path.dirname(os.path.abspath(args.resume))
-    args.output_dir = args.output_dir or os.path.join(here, 'zeroshot')
-    cache_dir = os.path.expanduser(args.cache_dir or os.path.join(here, 'text_cache'))
-    cache = zeroshot.TextCache(sha, None if args.no_cache else cache_dir)
+    cache = text_cache(sha, args)
     tokenizer = towers.tokenizer_for(ckpt['args'])     # CLIP BPE, or the --text-tower's own
     os.makedirs(args.output_dir, exist_ok=True)
     rows, by_resolution = [], {}
@@ -220,6 +255,9 @@ def main(argv=None):
                 json.dump(record, f, indent=1)
         by_resolution[image_size] = {n: ({'skipped': r.skipped} if r.skipped else r.percent())
                                      for n, r in results.items()}
+    if all(r.skipped for _, r in rows):
+        raise SystemExit(f"eval_zeroshot.py: error: nothing was evaluated: all {len(names)} dataset(s) "
+                         f"were skipped (see above); check --data-root {args.data_root} or pass --path NAME=PATH")
     write_csv(os.path.join(args.output_dir, 'results.csv'), rows, catalog)
     print(f"text features: {cache.hits} from cache, {cache.misses} computed")
     print(summary_table(rows, catalog))

@@ -393,8 +393,9 @@ def _save(path, model, ema, optimizer, scaler, state, args, pre_name, pre_args, 
 # ----------------------------------------------------------------------------- main
 
 def check_args(args):
-    if args.batch_size <= 0 or args.eval_batch_size <= 0 or args.epochs <= 0:
-        raise ValueError("--batch-size, --eval-batch-size and --epochs must be > 0")
+    utils.check_counts(args, positive=['batch_size', 'eval_batch_size', 'epochs', 'print_freq', 'image_size'],
+                       non_negative=['workers', 'warmup_steps', 'exit_after_epochs'])
+    utils.check_output_path(args.output_dir, '--output-dir', is_dir=True)
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"--batch-size {args.batch_size}: mixup/cutmix need an even batch "
                          f"(or --mixup 0 --cutmix 0)")

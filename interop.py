@@ -926,9 +926,19 @@ def get_args_parser():
     return parser
 
 
+def check_paths(args):
+    """ValueError for an input or output path that cannot work, before any conversion."""
+    if args.command == 'export' and os.path.isdir(args.checkpoint):
+        inside = os.path.join(args.checkpoint, 'checkpoint.pt')
+        raise ValueError(f"--checkpoint {args.checkpoint} is a directory; export reads a checkpoint file" +
+                         (f", e.g. {inside}" if os.path.isfile(inside) else ''))
+    utils.check_output_path(args.out, '--out', is_dir=args.command == 'export' and args.to == 'openclip')
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
+        check_paths(args)
         if args.command == 'import':
             model, name, flags, notes = import_checkpoint(args.source, args.checkpoint, args.model,
                                                           args.openclip_model, args.text_only)
@@ -956,6 +966,9 @@ def main(argv=None):
                 print(f"wrote {args.out} ({args.to} layout)")
     except (ValueError, KeyError, checkpoint.CheckpointWriteError) as e:
         sys.exit(f"interop.py {args.command}: error: {e}")
+    except OSError as e:                        # a missing input, a full disk: what and where
+        where = f": {e.filename}" if e.filename else ''
+        sys.exit(f"interop.py {args.command}: error: {e.strerror or e}{where}")
     for note in notes:
         print(f"  note: {note}")
 

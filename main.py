@@ -22,6 +22,7 @@ import datasets
 import engine
 import losses
 import models
+import rundir
 import text_reduction
 import towers
 import utils
@@ -191,6 +192,9 @@ def get_args_parser():
                    help='where the zero-shot datasets live (default: $VLP_EVAL_DATA or ./data; '
                         'shapes needs none)')
     g.add_argument('--evaluate', action='store_true', help='only run zero-shot evaluation of the resumed model')
+    g.add_argument('--allow-resume-changes', action='store_true',
+                   help='resume even if flags that change the run (model, data, schedule, global '
+                        'batch, seed, ...) differ from the checkpoint\'s; without it such a resume stops')
     g.add_argument('--print-freq', type=int, default=25, help='log every N optimizer steps')
     g.add_argument('--wandb', action='store_true', help='log to Weights & Biases')
     g.add_argument('--offline', action='store_true', help='wandb offline mode')
@@ -213,6 +217,12 @@ def parse_args(argv=None):
     return args
 
 
+COUNTS = ['epochs', 'batch_size', 'update_freq', 'image_size', 'context_length', 'keep_checkpoints',
+          'print_freq', 'eval_freq', 'shapes_num_train', 'train_num_samples', 'multicrop_resize',
+          'embed_dim', 'transformer_layers', 'transformer_width', 'transformer_heads', 'clip_hidden_dim',
+          'barlip_proj_dim', 'barlip_hidden_dim', 'siamlip_proj_dim', 'siamlip_hidden_dim', 'sk_iters',
+          'text_context']
+STEP_COUNTS = ['save_freq_steps', 'exit_after_steps', 'max_bad_steps', 'wds_shuffle_buffer']   # 0 = off
 CXX_COMPILERS = [c for c in (os.environ.get('CXX'), 'g++', 'clang++', 'c++') if c]
 
 
@@ -253,17 +263,11 @@ def resolve_args(args):
             if size is not None and 0 < size < min_size:
                 raise ValueError(f"{flag} {size} is smaller than the {args.backbone} tower takes "
                                  f"(>= {min_size} px)")
-    positive = ['epochs', 'batch_size', 'update_freq', 'image_size', 'context_length', 'keep_checkpoints',
-                'print_freq', 'eval_freq', 'shapes_num_train']
-    for key in positive:
-        if getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    utils.check_counts(args, positive=COUNTS, non_negative=STEP_COUNTS)
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.lr <= 0 or args.wd < 0 or args.warmup_epochs < 0:
         raise ValueError("--lr must be > 0, --wd and --warmup-epochs >= 0")
-    if args.train_num_samples is not None and args.train_num_samples <= 0:
-        raise ValueError(f"--train-num-samples must be > 0, got {args.train_num_samples}")
     zeroshot.check_names(args.zeroshot_datasets, data_root=args.eval_data_root)
     if not 0 <= args.patch_dropout < 1:
         raise ValueError(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
@@ -275,6 +279,8 @@ def resolve_args(args):
             raise ValueError(f"{flag} {path!r} is a directory; pass a checkpoint file (e.g. {path}/checkpoint.pt)")
         if path and not os.path.isfile(path):
             raise ValueError(f"{flag}: no such file {path!r}")
+    if not args.evaluate:                       # --evaluate writes nothing there
+        utils.check_output_path(args.output_dir, '--output-dir', is_dir=True)
     if args.compile and not any(shutil.which(c) for c in CXX_COMPILERS):
         raise ValueError("--compile needs a C++ compiler for torch.compile's generated kernels "
                          f"(none of {', '.join(CXX_COMPILERS)} on PATH); install g++ or drop --compile")
@@ -370,6 +376,7 @@ def resume_checkpoint(args, model, optimizer, scaler):
         raise SystemExit(f"main.py: error: checkpoint {path} holds a {ckpt.get('model_name')} "
                          f"model, not {args.model}; pass --model {ckpt.get('model_name')} "
                          f"or another --output-dir")
+    rundir.check_resume_args(ckpt, args, path, get_args_parser())   # same run: same meaning
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
@@ -453,11 +460,17 @@ def main(argv=None, args=None):
         resolve_args(args)
     device = utils.init_distributed(args.dist_backend)
     utils.keep_freed_memory()                   # big batches/activations reuse freed memory
-    os.makedirs(args.output_dir, exist_ok=True)
+    with rundir.claim(args.output_dir, exclusive=not args.evaluate) as run_lock:   # one run per directory
+        return run(args, argv, device, run_lock)
+
+
+def run(args, argv, device, run_lock):
+    """main() inside its --output-dir, claimed by `run_lock` (not with --evaluate, which only reads)."""
     print(f"git: {utils.git_sha()}")
     print(json.dumps(plain_args(args), sort_keys=True))
-    if utils.is_main_process():
+    if run_lock.exclusive:                      # no live writer here: a *.tmp.<pid> is a dead run's
         checkpoint.remove_stale_temporaries(args.output_dir)   # from a run killed mid-write
+    if utils.is_main_process() and not args.evaluate:
         with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
             json.dump(plain_args(args), f, indent=2)
         with open(os.path.join(args.output_dir, 'command.txt'), 'a') as f:

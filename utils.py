@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -266,6 +267,38 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f'{self.prog}: error: {message}\n')
         raise SystemExit(2)
+
+
+def check_counts(args, positive=(), non_negative=()):
+    """ValueError naming the flag unless every listed count is > 0 (`positive`) or >= 0
+    (`non_negative`); a None value (flag not given, no default) is left alone."""
+    for keys, low, rule in ((positive, 1, '> 0'), (non_negative, 0, '>= 0')):
+        for key in keys:
+            value = getattr(args, key)
+            if value is not None and value < low:
+                raise ValueError(f"--{key.replace('_', '-')} must be {rule}, got {value}")
+
+
+def check_output_path(path, flag, is_dir=False):
+    """ValueError (one line, naming `flag`) unless `path` can be written as a file (or, with
+    `is_dir`, as a directory): checked before any work starts, nothing is created. Finds a
+    directory given for a file, a file given for a directory, and read-only or forbidden
+    parents by writing (and removing) a probe file, which also works for root."""
+    path = os.path.abspath(path)
+    if is_dir and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a directory; give a directory")
+    if not is_dir and os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    where = path if is_dir else os.path.dirname(path)
+    while not os.path.exists(where):                 # created later, under the nearest existing one
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"{flag} {path}: {where} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {where} ({e.strerror or e})") from None
 
 
 def git_sha():

@@ -74,10 +74,10 @@ def argvs(draw):
     return argv
 
 
-def one_line_error(err):
-    """The captured stderr is exactly one line `main.py: error: ...`."""
+def one_line_error(err, prog='main.py'):
+    """The captured stderr is exactly one line `PROG: error: ...`."""
     text = err.getvalue()
-    return text.startswith('main.py: error:') and text.endswith('\n') and text.count('\n') == 1
+    return text.startswith(f'{prog}: error:') and text.endswith('\n') and text.count('\n') == 1
 
 
 # ----------------------------------------------------------------------------- 1. parse_args
@@ -207,3 +207,61 @@ def check_main(argv, out):
         frames = traceback.format_exception(e)
         pytest.fail(f"main({full!r}) raised {frames[-1].strip()}; traceback ends:\n{''.join(frames[-6:])}")
     assert os.path.isfile(os.path.join(out, 'checkpoint.pt')), full      # one step, checkpointed
+
+
+# ----------------------------------------------------------------------------- 4. counts
+
+NOT_COUNTS = {'--seed'}                          # any integer is a seed
+COMPANIONS = {'--lock-image-unlocked-groups': ['--lock-image'], '--lock-text-unlocked-layers': ['--lock-text']}
+
+
+def _int_options(parser):
+    return [a.option_strings[-1] for a in parser._actions
+            if a.type is int and a.option_strings[-1] not in NOT_COUNTS]
+
+
+class Started(Exception):
+    """The script got past its checks into the work."""
+
+
+def _scripts(tmp_path, monkeypatch):
+    """script -> (its entry point up to the work, argv up to the count checks, its parser)."""
+    import eval_linear
+    import eval_zeroshot
+    import finetune_classification
+    import zeroshot
+    from zs_helpers import tiny_checkpoint
+
+    def started(*args, **kwargs):
+        raise Started
+    for module, name in [(zeroshot, 'run'), (eval_linear, 'extract_features'),
+                         (finetune_classification, 'build_loaders')]:
+        monkeypatch.setattr(module, name, started)
+    ckpt, out = tiny_checkpoint(tmp_path / 'tiny.pt'), str(tmp_path / 'out')
+    return {'main.py': (train.parse_args, ['--output-dir', out], train.get_args_parser()),
+            'eval_zeroshot.py': (eval_zeroshot.main, ['--resume', ckpt], eval_zeroshot.get_args_parser()),
+            'eval_linear.py': (eval_linear.main, ['--resume', ckpt, '--dataset', 'shapes'],
+                               eval_linear.get_args_parser()),
+            'finetune_classification.py': (finetune_classification.main,
+                                           ['--train-dir', str(tmp_path), '--val-dir', str(tmp_path),
+                                            '--output-dir', out], finetune_classification.get_args_parser())}
+
+
+def test_negative_counts_are_refused_with_one_line(tmp_path, monkeypatch):
+    """Every integer flag but the seed counts something: -1 stops before any work with one line
+    naming it (an accepted --max-bad-steps -1 stopped a healthy run: '0 steps in a row had a
+    non-finite loss'; --save-freq-steps -1, --exit-after-steps -1 ran as if 0)."""
+    accepted = []
+    for script, (main, base, parser) in _scripts(tmp_path, monkeypatch).items():
+        for flag in _int_options(parser):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    main([*base, *COMPANIONS.get(flag, []), flag, '-1'])
+                accepted.append(f'{script} {flag} -1')
+            except Started:
+                accepted.append(f'{script} {flag} -1')
+            except SystemExit as e:
+                if not (e.code == 2 and one_line_error(err, script) and flag in err.getvalue()):
+                    accepted.append(f'{script} {flag} -1: {e.code} {err.getvalue()!r}')
+    assert not accepted, accepted
