@@ -1,6 +1,7 @@
 """Shared test setup: the repo root on sys.path, no network, small shared fixtures."""
 import functools
 import os
+import tempfile
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ['WANDB_MODE'] = 'offline'          # never let a test reach for the network
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='vlp-test-cache-')   # eval caches stay out of ~
 
 
 @pytest.fixture(scope='session')
