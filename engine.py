@@ -1,5 +1,6 @@
 """The inner training loop: AMP, gradient accumulation, logit-scale clamp, NaN guard,
-throughput. `train_one_epoch` returns the epoch's averages."""
+throughput. `train_step` is one optimizer step (main.py's and the benchmarks'),
+`train_one_epoch` runs an epoch of them and returns the epoch's averages."""
 import contextlib
 import math
 import time
@@ -60,14 +61,15 @@ class TrainState:
 
 
 def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, args, device,
-                    on_step=None, batch_transform=None):
-    """Train from state.batch_in_epoch to the end of the epoch (or until state.stop).
-    `batch_transform`: applied to each batch on the device (e.g. text token reduction)."""
+                    steps_per_epoch, on_step=None, batch_transform=None, after_step=None):
+    """Train from state.batch_in_epoch to the end of the epoch (`steps_per_epoch` optimizer
+    steps; or until state.stop). `batch_transform`: applied to each batch on the device (e.g.
+    text token reduction); `after_step`: the method's hook (see train_step)."""
     model.train()
     logger = utils.MetricLogger()
     k = args.update_freq
     accumulate = ACCUMULATE[getattr(args, 'accum_mode', 'cached') if k > 1 else 'simple']
-    micro_total = args.steps_per_epoch * k
+    micro_total = steps_per_epoch * k
     header = f'Epoch: [{state.epoch}]'
     samples_per_micro = args.batch_size * utils.get_world_size()
     t0, n_seen = time.time(), 0
@@ -86,24 +88,16 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
         lr = lr_at(state.step)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        norm_stats = _batchnorm_buffers(unwrap(model))
-        terms = accumulate(model, loss_fn, micro_batches, scaler, device, args.precision)
+        terms, stepped = train_step(model, loss_fn, micro_batches, optimizer, scaler, device,
+                                    args.precision, accumulate, after_step)
         micro_batches = []
-        if not _grads_finite(terms['loss'], optimizer):
-            with torch.no_grad():            # a skipped step leaves no trace, BatchNorm stats included
-                for buf, saved in norm_stats:
-                    buf.copy_(saved)
+        if stepped:
+            state.bad_in_a_row = 0
+        else:
             state.skipped_steps += 1
             state.bad_in_a_row += 1
             print(f"non-finite loss or gradient at step {state.step}: step skipped "
                   f"({state.skipped_steps} so far, {state.bad_in_a_row} in a row)")
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            state.bad_in_a_row = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            unwrap(model).after_step(args.momentum_tau)
         state.step += 1
         state.batch_in_epoch = i + 1
         logger.update(lr=lr, samples_per_s=n_seen / (time.time() - t0),
@@ -116,6 +110,32 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
     stats['samples_per_s'] = n_seen / max(time.time() - t0, 1e-9)
     stats.update(data_log.summary())
     return stats
+
+
+def train_step(model, loss_fn, micro_batches, optimizer, scaler, device, precision,
+               accumulate=None, after_step=None):
+    """One optimizer step: forward, loss and backward over the micro-batches (`accumulate`:
+    accumulate_simple by default), the non-finite guard, the optimizer step, then the model's
+    after_step (logit-scale clamp) and the method's hook `after_step(model)` (e.g. BYOLIP's EMA
+    teacher). A step whose loss or gradients are not finite is undone instead: gradients
+    dropped, BatchNorm statistics restored. -> (loss terms, whether the step was taken)."""
+    accumulate = accumulate or accumulate_simple
+    norm_stats = _batchnorm_buffers(unwrap(model))
+    terms = accumulate(model, loss_fn, micro_batches, scaler, device, precision)
+    if not grads_finite(terms['loss'], optimizer):
+        with torch.no_grad():            # a skipped step leaves no trace, BatchNorm stats included
+            for buf, saved in norm_stats:
+                buf.copy_(saved)
+        optimizer.zero_grad(set_to_none=True)
+        return terms, False
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    core = unwrap(model)
+    core.after_step()
+    if after_step is not None:
+        after_step(core)
+    return terms, True
 
 
 def _sync_unless(last, model):
@@ -231,7 +251,7 @@ def _batchnorm_buffers(model):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
-def _grads_finite(loss, optimizer):
+def grads_finite(loss, optimizer):
     """False if the loss or any gradient is NaN/inf. With AMP the scaler handles overflow."""
     if not torch.isfinite(loss.detach()).all():
         return False

@@ -1,6 +1,7 @@
-"""Losses: one class per method. Each maps the model's output dict to a dict of named terms,
-`loss` being the total. Gathering across ranks lives here and keeps the gradient, so that
-N processes with batch b give the gradients of one process with batch N*b.
+"""Losses: one class per method (methods.py says which method uses which). Each maps the
+model's output dict to a dict of named terms, `loss` being the total. Gathering across ranks
+lives here and keeps the gradient, so that N processes with batch b give the gradients of one
+process with batch N*b.
 """
 from functools import partial
 
@@ -171,11 +172,10 @@ def sinkhorn_knopp(scores, epsilon=0.05, iters=3):
 class SwALIPLoss(CL2LLoss):
     """CL2L + swapped prediction: for each (image view a, text view b) pair the other
     modality's gathered batch serves as prototypes; Sinkhorn codes of pair
-    ((a+1) % V, (b+1) % V) are the targets of pair (a, b)."""
+    ((a+1) % V, (b+1) % V) are the targets of pair (a, b). Needs V >= 1 views and no label
+    smoothing (the codes are soft targets already): methods.py's SWALIP entry checks the flags."""
 
     def __init__(self, label_smoothing=0.0, avg_or_sum='avg', weight=0.2, epsilon=0.05, iters=3):
-        if label_smoothing:
-            raise ValueError("SWALIP needs --label-smoothing 0 (its codes are soft targets already)")
         super().__init__(label_smoothing, avg_or_sum)
         self.weight, self.epsilon, self.iters = weight, epsilon, iters
 
@@ -183,8 +183,6 @@ class SwALIPLoss(CL2LLoss):
         terms = super().forward(out)
         hi, ht, scale = out['h_image_views'], out['h_text_views'], out['h_logit_scale']
         V = len(hi)
-        if V == 0:
-            raise ValueError("SWALIP needs augmented views: --num-augs >= 1")
         hi_all, ht_all = [gather_with_grad(h) for h in hi], [gather_with_grad(h) for h in ht]
         sim_img = [[a @ b.t() for b in ht_all] for a in hi]                  # [V][V] of [b, N*b]
         sim_txt = [[a @ b.t() for b in hi_all] for a in ht]
@@ -219,24 +217,3 @@ class SigLIPLoss(nn.Module):
         return {'loss': loss, 'siglip_loss': loss.detach(),
                 'clip_acc': retrieval_accuracy(logits.detach(), labels),
                 'logit_scale': scale.detach(), 'logit_bias': bias.detach()}
-
-
-LOSSES = {'CLIP': CLIPLoss, 'CL2L': CL2LLoss, 'BARLIP': BarLIPLoss, 'SIAMLIP': SiamLIPLoss,
-          'SWALIP': SwALIPLoss, 'SIGLIP': SigLIPLoss}
-
-
-def build_loss(method, args):
-    """The loss for a method name (see models.METHODS), configured from the parsed flags."""
-    import models
-    name = models.METHODS.get(method).loss
-    common = dict(label_smoothing=args.label_smoothing, avg_or_sum=args.loss_avg_or_sum)
-    if name in ('CLIP', 'CL2L', 'SIAMLIP'):
-        return LOSSES[name](**common)
-    if name == 'BARLIP':
-        return BarLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
-    if name == 'SWALIP':
-        return SwALIPLoss(**common, weight=args.swalip_weight, epsilon=args.target_epsilon,
-                          iters=args.sk_iters)
-    if name == 'SIGLIP':
-        return SigLIPLoss()
-    raise ValueError(f"no loss builder for {name!r}; valid: {', '.join(LOSSES)}")

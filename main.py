@@ -20,7 +20,7 @@ import augment
 import checkpoint
 import datasets
 import engine
-import losses
+import methods
 import models
 import rundir
 import text_reduction
@@ -57,8 +57,6 @@ def get_args_parser():
                    help='text MLP activation (default gelu; quick_gelu = OpenAI CLIP / clip-rocket / SLIP)')
     g.add_argument('--logit-scale-init', type=float, default=None,
                    help='initial temperature exp(logit scale) (default: 1/0.07; SIGLIP 10)')
-    g.add_argument('--logit-bias-init', type=float, default=None,
-                   help='initial logit bias of SIGLIP (default -10)')
     g.add_argument('--patch-dropout', type=float, default=0.0,
                    help='ViTs: fraction of patch tokens dropped at random in training (FLIP/CLIPA), 0-1')
     g.add_argument('--text-reduction', choices=text_reduction.MODES, default='none',
@@ -75,7 +73,7 @@ def get_args_parser():
                         'stay eager); ViT-B/16 on CPU: ~1.5 min compiling, then 1.0-1.08x faster')
     towers.add_args(parser)     # --image-tower, --image-pretrained, --text-tower, --lock-image, ...
 
-    g = parser.add_argument_group('CL2L base and methods (CLIP🚀, SiamLIP, BYOLIP, BarLIP, SwALIP)')
+    g = parser.add_argument_group('CL2L base (CLIP🚀 and the methods on it)')
     g.add_argument('--num-augs', type=int, default=2,
                    help='CL2L: augmented image views and text views per sample (0 = exactly CLIP)')
     g.add_argument('--separate-proj', action='store_true',
@@ -90,20 +88,7 @@ def get_args_parser():
                    help='dropout in the text tower for text views (paper CC3M: 0.2)')
     g.add_argument('--text-drop-path-prob', type=float, default=0.0,
                    help='stochastic depth in the text tower for text views')
-    g.add_argument('--momentum', nargs='?', const='on', default=None, metavar='TAU',
-                   help='EMA teacher (BYOL): turns *_SIAMLIP into *_BYOLIP (upstream spelling); '
-                        'an optional value sets --momentum-tau')
-    g.add_argument('--momentum-tau', type=float, default=0.99, help='BYOLIP teacher EMA rate (0.99)')
-    g.add_argument('--barlip-proj-dim', type=int, default=None, help='BarLIP projector output (8192)')
-    g.add_argument('--barlip-hidden-dim', type=int, default=None, help='BarLIP projector hidden width (3000)')
-    g.add_argument('--barlip-lamb', type=float, default=5e-3, help='BarLIP off-diagonal weight (5e-3)')
-    g.add_argument('--barlip-scale-loss', type=float, default=0.025, help='BarLIP loss scale (0.025)')
-    g.add_argument('--siamlip-proj-dim', type=int, default=None, help='SiamLIP projector output (128)')
-    g.add_argument('--siamlip-hidden-dim', type=int, default=None, help='SiamLIP hidden width (2048)')
-    g.add_argument('--siamlip-no-last-bn', action='store_true', help='SiamLIP: no final BN in the projector')
-    g.add_argument('--swalip-weight', type=float, default=0.2, help='SwALIP loss weight (0.2)')
-    g.add_argument('--sk-iters', type=int, default=3, help='SwALIP Sinkhorn-Knopp iterations (3)')
-    g.add_argument('--target-epsilon', type=float, default=0.05, help='SwALIP Sinkhorn entropy epsilon (0.05)')
+    methods.add_args(parser)    # each method's own flags, one group per method (methods.py)
 
     g = parser.add_argument_group('augmentation (CL2L views)')
     g.add_argument('--multicrop-resize', type=int, default=None,
@@ -233,6 +218,8 @@ def resolve_args(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     datasets.resolve_data_args(args)
+    models.parse_model_name(args.model)                     # the name as given is valid
+    args.model = methods.resolve_model_name(args.model, args)   # upstream spellings: --momentum
     args.base, args.backbone, args.method = models.parse_model_name(args.model)
     towers.resolve_args(args)   # tower flags; --image-size from an --image-tower
     if args.image_size is None:
@@ -287,31 +274,12 @@ def resolve_args(args):
 
 
 def resolve_method_args(args):
-    """Upstream aliases and method-specific checks of the CL2L/method flags."""
-    if args.logit_bias_init is not None and args.method != 'SIGLIP':
-        raise ValueError(f"--logit-bias-init goes with *_SIGLIP (the only method with a logit bias), not {args.method}")
+    """The CL2L/method flags: shared checks here, each method's own in methods.py."""
     if args.logit_scale_init is not None and args.logit_scale_init <= 0:
         raise ValueError(f"--logit-scale-init must be > 0 (it is exp(logit scale)), got {args.logit_scale_init}")
-    if args.momentum is not None:
-        if args.method not in ('SIAMLIP', 'BYOLIP'):
-            raise ValueError(f"--momentum (EMA teacher) goes with *_SIAMLIP / *_BYOLIP, not {args.method}")
-        if args.momentum != 'on':
-            try:
-                args.momentum_tau = float(args.momentum)
-            except ValueError:
-                raise ValueError(f"--momentum takes an optional EMA rate, got {args.momentum!r}") from None
-        if args.method == 'SIAMLIP':
-            args.model = args.model.rsplit('_', 1)[0] + '_BYOLIP'
-            args.method = 'BYOLIP'
-    if not 0 < args.momentum_tau < 1:
-        raise ValueError(f"--momentum-tau must be in (0, 1), got {args.momentum_tau}")
     if args.num_augs < 0:
         raise ValueError(f"--num-augs must be >= 0, got {args.num_augs}")
-    if args.method == 'SWALIP':
-        if args.label_smoothing:
-            raise ValueError("*_SWALIP needs --label-smoothing 0 (its codes are soft targets already)")
-        if args.num_augs == 0:
-            raise ValueError("*_SWALIP needs augmented views: --num-augs >= 1")
+    methods.resolve(args)
     weights = [args.synonym_replacement_prob, args.random_swap_prob, args.random_deletion_prob]
     if min(weights) < 0 or sum(weights) > 1 + 1e-9:
         raise ValueError("--synonym-replacement-prob, --random-swap-prob, --random-deletion-prob "
@@ -486,7 +454,8 @@ def run(args, argv, device, run_lock):
     if args.checkpoint_grad:
         model.set_grad_checkpointing(True)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    loss_fn = losses.build_loss(args.method, args)
+    loss_fn = methods.build_loss(args)
+    after_step = methods.step_hook(args)        # e.g. BYOLIP's EMA teacher update
     tokenizer = towers.tokenizer_for(args)      # the --text-tower's own, else the CLIP BPE
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'amp')
@@ -509,12 +478,12 @@ def run(args, argv, device, run_lock):
 
     dataset = datasets.build_train_dataset(args, tokenizer)
     sampler, loader = build_loader(dataset, args)
-    args.steps_per_epoch = len(loader) // args.update_freq
-    if args.steps_per_epoch == 0:
+    steps_per_epoch = len(loader) // args.update_freq
+    if steps_per_epoch == 0:
         raise SystemExit(f"main.py: error: an epoch of {len(sampler)} samples per process is smaller "
                          f"than --batch-size x --update-freq = {args.batch_size * args.update_freq}")
-    total_steps = args.steps_per_epoch * args.epochs
-    warmup_steps = int(args.warmup_epochs * args.steps_per_epoch)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
     def lr_at(step):
         return engine.cosine_lr(step, total_steps, warmup_steps, args.lr, args.lr_start, args.lr_end)
@@ -554,7 +523,7 @@ def run(args, argv, device, run_lock):
     if args.text_reduction != 'none':
         reducer = text_reduction.TextReducer(args.text_reduction, args.text_context, tokenizer).apply
     results = {}
-    print(f"training {args.epochs} epochs x {args.steps_per_epoch} steps, "
+    print(f"training {args.epochs} epochs x {steps_per_epoch} steps, "
           f"{utils.get_world_size()} process(es), batch {args.batch_size} x {args.update_freq}")
     t_train = time.time()
     try:
@@ -563,7 +532,7 @@ def run(args, argv, device, run_lock):
             if hasattr(dataset, 'set_epoch'):
                 dataset.set_epoch(state.epoch)
             stats = engine.train_one_epoch(step_model, loss_fn, loader, optimizer, scaler, lr_at, state,
-                                           args, device, on_step, reducer)
+                                           args, device, steps_per_epoch, on_step, reducer, after_step)
             if state.stop:
                 break
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0

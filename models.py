@@ -22,7 +22,8 @@ from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 import towers
-from heads import BarLIPHead, HeadCfg, SiamLIPHead, mlp, projector
+from heads import HeadCfg, mlp, projector
+from methods import METHODS, MethodSpec, check_flags
 from utils import Registry
 
 
@@ -54,20 +55,8 @@ class BackboneCfg:
     min_image_size: int = 1      # smallest input the tower takes (a ViT's patch, a CNN's stride)
 
 
-@dataclass(frozen=True)
-class MethodCfg:
-    loss: str                    # key of losses.LOSSES
-    bases: tuple                 # bases this method makes sense with
-    why_not: str = ''            # explanation when used with another base
-    head: Optional[Callable] = None  # head(image_dim, text_dim, HeadCfg) -> nn.Module
-    momentum: bool = False       # keep an EMA teacher of the whole model (BYOL)
-    logit_scale_init: float = 1 / 0.07   # initial exp(logit_scale)
-    logit_bias_init: Optional[float] = None  # learnable logit bias (SigLIP)
-
-
 BASES = Registry('base')
 BACKBONES = Registry('backbone')
-METHODS = Registry('method')
 
 _TINY_TEXT = TextCfg(width=128, heads=4, layers=2)
 _TINY_HEADS = {'clip_hidden_dim': 512, 'barlip_hidden_dim': 512, 'barlip_proj_dim': 1024,
@@ -95,23 +84,6 @@ for _name, _cfg in {
                                   'siamlip_proj_dim': 32}),
 }.items():
     BACKBONES.register(_name, _cfg)
-
-_VIEWS = "it needs the CL2L base's augmented views (use CL2L_<backbone>_{m}; --num-augs 0 keeps global pairs only)"
-METHODS.register('CLIP', MethodCfg(
-    loss='CLIP', bases=('CLIP',),
-    why_not="with the CL2L base use method CL2L (--num-augs 0 makes it exactly CLIP)"))
-METHODS.register('CL2L', MethodCfg(loss='CL2L', bases=('CL2L',), why_not=_VIEWS.format(m='CL2L')))
-METHODS.register('SIAMLIP', MethodCfg(loss='SIAMLIP', bases=('CL2L',), head=SiamLIPHead,
-                                      why_not=_VIEWS.format(m='SIAMLIP')))
-METHODS.register('BYOLIP', MethodCfg(loss='SIAMLIP', bases=('CL2L',), head=SiamLIPHead,
-                                     momentum=True, why_not=_VIEWS.format(m='BYOLIP')))
-METHODS.register('BARLIP', MethodCfg(loss='BARLIP', bases=('CL2L',), head=BarLIPHead,
-                                     why_not=_VIEWS.format(m='BARLIP')))
-METHODS.register('SWALIP', MethodCfg(loss='SWALIP', bases=('CL2L',), why_not=_VIEWS.format(m='SWALIP')))
-METHODS.register('SIGLIP', MethodCfg(
-    loss='SIGLIP', bases=('CLIP',), logit_scale_init=10.0, logit_bias_init=-10.0,
-    why_not="the sigmoid loss replaces CLIP's softmax on single pairs; CL2L's view losses are softmax-based"))
-
 
 def parse_model_name(name):
     """'CLIP_VITB16_CLIP' -> ('CLIP', 'VITB16', 'CLIP'), each part validated."""
@@ -166,9 +138,8 @@ def create_model(name, **overrides):
         raise ValueError("text_pooling goes with text_tower (the built-in text tower pools its EOT token)")
     head_cfg = replace(HeadCfg(**cfg.heads), **{k: overrides.pop(k)
                                                 for k in list(overrides) if k in _HEAD_KEYS})
+    check_flags(method, overrides)      # e.g. a logit bias only for a method that has one
     method_cfg = METHODS.get(method)
-    if 'logit_bias_init' in overrides and method_cfg.logit_bias_init is None:
-        raise ValueError(f"--logit-bias-init: method {method} has no logit bias (only SIGLIP has)")
     method_cfg = replace(method_cfg, **{k: overrides.pop(k) for k in list(overrides)
                                         if k in ('logit_scale_init', 'logit_bias_init')})
     model = BASES.get(base)(
@@ -339,7 +310,7 @@ class CLIP(nn.Module):
     zeroshot_heads = ('z',)
 
     def __init__(self, backbone: BackboneCfg, text_cfg: TextCfg, embed_dim: int,
-                 head_cfg: HeadCfg = HeadCfg(), method_cfg: Optional[MethodCfg] = None,
+                 head_cfg: HeadCfg = HeadCfg(), method_cfg: Optional[MethodSpec] = None,
                  proj_type: str = 'linear', image_size: int = 224, patch_dropout: float = 0.0,
                  text_tower: Optional[nn.Module] = None):
         super().__init__()
@@ -433,8 +404,9 @@ class CLIP(nn.Module):
 
     # -- training hooks
     @torch.no_grad()
-    def after_step(self, momentum=None):
-        """Called after each optimizer step: clamp exp(logit scales) to [1, 100]."""
+    def after_step(self):
+        """Called after each optimizer step (then the method's hook): clamp exp(logit scales)
+        to [1, 100]."""
         for name, p in self.named_parameters():
             if name.endswith('logit_scale') and p.requires_grad:
                 p.clamp_(0, math.log(self.LOGIT_SCALE_MAX))
@@ -484,8 +456,8 @@ class CL2L(CLIP):
             self.h_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
         self.method_head = (method_cfg.head(self.vision_width, text_cfg.width, cfg)
                             if method_cfg.head else None)
-        self.teacher = None
-        if method_cfg.momentum:
+        self.teacher = None             # updated by the method's step hook (methods.ema_teacher_update)
+        if method_cfg.ema_teacher:
             teacher = copy.deepcopy(self)
             teacher.requires_grad_(False)
             self.teacher = teacher
@@ -532,19 +504,6 @@ class CL2L(CLIP):
                 target = self.teacher.method_head(self.teacher.features(batch))
             out.update({f'{k}_teacher': v for k, v in target.items() if k.startswith('v_')})
         return out
-
-    @torch.no_grad()
-    def after_step(self, momentum=None):
-        """Clamp the logit scales; update the EMA teacher: t <- m * t + (1 - m) * s."""
-        super().after_step()
-        if self.teacher is None:
-            return
-        student = dict(self.named_parameters())
-        for name, t in self.teacher.named_parameters():
-            t.mul_(momentum).add_(student[name], alpha=1 - momentum)
-        student_buffers = dict(self.named_buffers())
-        for name, b in self.teacher.named_buffers():
-            b.copy_(student_buffers[name])
 
     def no_weight_decay(self):
         return super().no_weight_decay() | {'h_logit_scale'}

@@ -4,13 +4,13 @@
     python bench/memory.py --quick        # batch 4, 1 timed step
 
 Memory: each setting runs in a fresh subprocess (model, fused AdamW, warm-up step, timed
-steps) and reports its peak RSS (VmHWM: train_step.peak_rss_mb), the RSS once the model exists
+steps) and reports its peak RSS (VmHWM: step_arms.peak_rss_mb), the RSS once the model exists
 and the RSS after the first step (weights + AdamW state; both after malloc_trim), so
 "activations etc." = peak - (weights + AdamW state) - gradient bytes = saved activations +
 workspace, the part checkpointing can cut. Settings alternate A, B, A, B over `--rounds` subprocess rounds.
 Time: one process holds both models and alternates steps with checkpointing off and on (the
 same interleaving as train_step.py), so the time ratio is measured under the same load.
-The step is train_step.py's (our real step: CLIPLoss, main.build_optimizer, engine's pieces).
+The step is train_step.py's (our real step: CLIPLoss, main.build_optimizer, engine.train_step).
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step as ts  # noqa: E402
+import step_arms as ts  # noqa: E402  (the arms of train_step.py)
 
 
 def rss_mb():

@@ -17,9 +17,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = {'CLIP': 'CLIP_TINYCNN_CLIP', 'SIGLIP': 'CLIP_TINYCNN_SIGLIP', 'CL2L': 'CL2L_TINYCNN_CL2L',
-        'SIAMLIP': 'CL2L_TINYCNN_SIAMLIP', 'BYOLIP': 'CL2L_TINYCNN_BYOLIP',
-        'BARLIP': 'CL2L_TINYCNN_BARLIP', 'SWALIP': 'CL2L_TINYCNN_SWALIP'}
+sys.path.insert(0, ROOT)
+import methods  # noqa: E402
+
+RUNS = {name: f'{spec.bases[0]}_TINYCNN_{name}' for name, spec in methods.METHODS.items()}
 
 # CL2L-based methods: 2 views, separate projectors, EDA; their per-sample augmentations are
 # the CPU cost, so 2 loader workers. SIGLIP: the paper's bias init -10 is for a 32k batch (one

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step as ts  # noqa: E402
-import losses  # noqa: E402  (train_step put the repository on sys.path)
+import step_arms as ts  # noqa: E402  (the arms of train_step.py)
+import losses  # noqa: E402  (step_arms put the repository on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIM = 512

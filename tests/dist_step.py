@@ -16,28 +16,26 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import engine  # noqa: E402
-import losses  # noqa: E402
 import main as train  # noqa: E402
+import methods  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
+from test_methods import METHOD_CASES  # noqa: E402  (one case per registered method)
 
 GLOBAL_BATCH = 8
-# BatchNorm-free configurations (model name + flags) of each loss, shared with test_accumulation
-CASES = {
-    'CLIP': ['CLIP_TINYVIT_CLIP', '--label-smoothing', '0.1'],
-    'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
-    'CL2L': ['CL2L_TINYVIT_CL2L', '--separate-proj', '--cl2l-img-proj-type', 'linear',
-             '--cl2l-txt-proj-type', 'linear', '--label-smoothing', '0.1', '--loss-avg-or-sum', 'sum'],
-    'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
-    'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
-}
-# configurations with BatchNorm in the heads: exact across processes through models.sync_batchnorm
-SYNCBN_CASES = {
-    'BARLIP': ['CL2L_TINYVIT_BARLIP', '--separate-proj', '--label-smoothing', '0.1'],
-    'SIAMLIP': ['CL2L_TINYVIT_SIAMLIP', '--separate-proj'],
-    'BYOLIP': ['CL2L_TINYVIT_BYOLIP', '--separate-proj', '--separate-proj-child'],
-    'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj'],
-}
+# model name + flags: one case per registered method, plus accumulation under DDP and a tower
+# with BatchNorm (exact across processes through models.sync_batchnorm)
+CASES = {**METHOD_CASES,
+         'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
+         'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj']}
+
+
+def has_batchnorm(case):
+    """Whether the case's model has BatchNorm (its statistics stay per micro-batch, so cached
+    accumulation is exact only without it)."""
+    args = train.parse_args(['--model', *CASES[case]])
+    model = models.create_model_from_flags(args.model, args)
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def global_batch(model, tokenizer, views):
@@ -66,7 +64,7 @@ def main():
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(models.sync_batchnorm(model, torch.device('cpu')))
-    loss_fn = losses.build_loss(args.method, args)
+    loss_fn = methods.build_loss(args)
     if args.update_freq > 1 and world > 1:            # cached accumulation over micro-batches
         k = args.update_freq
         micro = [{key: v[j * b // k:(j + 1) * b // k] for key, v in local.items()} for j in range(k)]

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from dist_step import CASES, SYNCBN_CASES
+import methods
+from dist_step import CASES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, 'dist_step.py')
@@ -23,9 +24,10 @@ def _run(cmd, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('case', [*CASES, *SYNCBN_CASES])
+@pytest.mark.parametrize('case', [*methods.METHODS, *(c for c in CASES if c not in methods.METHODS)])
 def test_two_processes_equal_one_big_batch(case, tmp_path):
-    model, *flags = {**CASES, **SYNCBN_CASES}[case]
+    assert case in CASES, f"method {case} has no case in METHOD_CASES (tests/test_methods.py)"
+    model, *flags = CASES[case]
     one, two = str(tmp_path / 'one.pt'), str(tmp_path / 'two.pt')
     _run([sys.executable, SCRIPT, model, one, *flags], tmp_path)
     _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',

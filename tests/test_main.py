@@ -9,8 +9,8 @@ import torch
 import checkpoint
 import engine
 import eval_zeroshot
-import losses
 import main as train
+import methods
 import models
 
 TINY = ['--shapes-num-train', '512', '--batch-size', '64', '--print-freq', '1',
@@ -88,7 +88,7 @@ def test_compiled_step_matches_eager():
     keys = list(model.state_dict())
     compiled = train.compile_for_training(model)
     assert engine.unwrap(compiled) is model and list(model.state_dict()) == keys
-    loss_fn = losses.build_loss('CLIP', train.parse_args([]))
+    loss_fn = methods.build_loss(train.parse_args([]))
     text = torch.zeros(8, 77, dtype=torch.long)
     text[:, 0], text[:, 1:6] = 49406, torch.randint(1, 49000, (8, 5))
     text[torch.arange(8), torch.randint(6, 20, (8,))] = 49407

@@ -1,8 +1,12 @@
-"""Model zoo beyond CLIP: every base x backbone x method trains; each loss equals a direct
-reference computation; CL2L with no views is exactly CLIP; the EMA teacher update is exact;
-text augmentation is seeded; nonsensical combinations fail at parse time."""
-import argparse
+"""Model zoo beyond CLIP: every base x backbone x method trains; every registered method has
+a case here and trains through the registry (loss, hook); a method defined in a test alone
+trains through main.main; each loss equals a direct reference computation; CL2L with no views
+is exactly CLIP; the EMA teacher update is exact; text augmentation is seeded; nonsensical
+combinations fail at parse time."""
+import dataclasses
+import json
 import math
+import os
 import warnings
 
 import pytest
@@ -10,15 +14,27 @@ import torch
 import torch.nn.functional as F
 
 import augment
+import engine
 import losses
 import main as train
+import methods
 import models
 from conftest import params_without_grad, unzero_norms
 
 TINY = ('TINYVIT', 'TINYCNN')
-LOSS_ARGS = argparse.Namespace(label_smoothing=0.0, loss_avg_or_sum='avg', barlip_lamb=5e-3,
-                               barlip_scale_loss=0.025, swalip_weight=0.2, target_epsilon=0.05,
-                               sk_iters=3)
+# One small configuration per registered method (model name + flags), exercising every term of
+# its loss. tests/dist_step.py runs them under torchrun (two processes == one big batch) and
+# tests/test_accumulation.py the BatchNorm-free ones (cached accumulation == one big batch).
+METHOD_CASES = {
+    'CLIP': ['CLIP_TINYVIT_CLIP', '--label-smoothing', '0.1'],
+    'CL2L': ['CL2L_TINYVIT_CL2L', '--separate-proj', '--cl2l-img-proj-type', 'linear',
+             '--cl2l-txt-proj-type', 'linear', '--label-smoothing', '0.1', '--loss-avg-or-sum', 'sum'],
+    'SIAMLIP': ['CL2L_TINYVIT_SIAMLIP', '--separate-proj'],
+    'BYOLIP': ['CL2L_TINYVIT_BYOLIP', '--separate-proj', '--separate-proj-child'],
+    'BARLIP': ['CL2L_TINYVIT_BARLIP', '--separate-proj', '--label-smoothing', '0.1'],
+    'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
+    'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
+}
 SMALL_HEADS = dict(clip_hidden_dim=64, barlip_hidden_dim=64, barlip_proj_dim=64,
                    siamlip_hidden_dim=64, siamlip_proj_dim=32)
 
@@ -46,7 +62,7 @@ def test_every_combination_trains(name, tokenizer):
     model = models.create_model(name, image_size=min(backbone.image_size, 64),
                                 separate_proj=True, **kw)
     unzero_norms(model)
-    terms = losses.build_loss(name.split('_')[2], LOSS_ARGS)(model(_batch(model, tokenizer)))
+    terms = methods.build_loss(train.parse_args(['--model', name]))(model(_batch(model, tokenizer)))
     assert all(torch.isfinite(v).all() for v in terms.values()), terms
     terms['loss'].backward()
     missing = params_without_grad(model)
@@ -81,9 +97,88 @@ def test_bad_method_flags_fail_at_parse_time(argv, fragment, capsys):
 
 def test_upstream_momentum_spelling_selects_byolip():
     args = train.parse_args(['--model', 'CL2L_TINYVIT_SIAMLIP', '--momentum', '--separate-proj'])
-    assert args.model == 'CL2L_TINYVIT_BYOLIP' and args.momentum_tau == 0.99
+    assert (args.model, args.method, args.momentum_tau) == ('CL2L_TINYVIT_BYOLIP', 'BYOLIP', 0.99)
     args = train.parse_args(['--model', 'CL2L_TINYVIT_BYOLIP', '--momentum', '0.996'])
     assert args.momentum_tau == 0.996
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@pytest.mark.parametrize('method', list(methods.METHODS))
+def test_every_registered_method_trains_through_the_registry(method, tokenizer):
+    """Each method's case: its registry loss and step hook take two engine.train_step steps;
+    the weights move, the EMA teacher (if any) follows. Fails for a method without a case."""
+    assert method in METHOD_CASES, f"method {method} has no case in METHOD_CASES (tests/test_methods.py)"
+    args = train.parse_args(['--model', *METHOD_CASES[method]])
+    assert args.method == method
+    torch.manual_seed(0)
+    model = models.create_model_from_flags(args.model, args)
+    optimizer = train.build_optimizer(model, args)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = _batch(model, tokenizer, views=args.num_augs)
+    for _ in range(2):
+        terms, stepped = engine.train_step(model, methods.build_loss(args), [batch], optimizer, scaler,
+                                           torch.device('cpu'), 'fp32', after_step=methods.step_hook(args))
+        assert stepped and torch.isfinite(terms['loss'])
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} <= moved
+    assert any(n.startswith('teacher.') for n in moved) == methods.METHODS[method].ema_teacher
+
+
+def test_method_flags_keep_their_group_and_spelling():
+    """Each method's own flags come from its registry entry; shared flags stay shared."""
+    groups = {g.title: {a.dest for a in g._group_actions} for g in train.get_args_parser()._action_groups}
+    assert groups['method BARLIP'] == {'barlip_proj_dim', 'barlip_hidden_dim', 'barlip_lamb', 'barlip_scale_loss'}
+    assert groups['method BYOLIP'] == {'momentum', 'momentum_tau'}       # + SIAMLIP's, shared
+    assert {'label_smoothing', 'loss_avg_or_sum'} <= groups['optimisation']
+
+
+class ToyDistillLoss(torch.nn.Module):
+    """A self-distillation toy: CLIP + weight x MSE(image embedding, stop-grad text embedding)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.clip, self.weight = losses.CLIPLoss(), weight
+
+    def forward(self, out):
+        terms = self.clip(out)
+        toy = (out['image_embed'] - out['text_embed'].detach()).pow(2).sum(-1).mean()
+        return {**terms, 'loss': terms['loss'] + self.weight * toy, 'toy_loss': toy.detach()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyParams:
+    toy_weight: float = methods.flag(0.5, 'toy: weight of the distillation term',
+                                     check=('>= 0', lambda v: v >= 0))
+
+
+def test_a_method_defined_in_one_test_file_trains_through_main(tmp_path):
+    """A loss + a MethodSpec are all a method needs: registered here, it gets its flag, its
+    checks, its loss, its step hook, trains through main.main and is gone once removed."""
+    hook_calls = []
+    methods.METHODS.register('TOYDIST', methods.MethodSpec(
+        'TOYDIST', ('CLIP',), lambda args, p: ToyDistillLoss(p.toy_weight), params=ToyParams,
+        why_not='the toy is CLIP-only', after_step=lambda model, p: hook_calls.append(p.toy_weight)))
+    try:
+        out = str(tmp_path / 'toy')
+        assert train.main(['--model', 'CLIP_TINYCNN_TOYDIST', '--toy-weight', '0.25', '--shapes-num-train', '64',
+                           '--batch-size', '16', '--epochs', '1', '--print-freq', '1', '--exit-after-steps', '2',
+                           '--output-dir', out]) is None
+        with open(os.path.join(out, 'log_steps.txt')) as f:
+            steps = [json.loads(line) for line in f]
+        assert [s['step'] for s in steps] == [1, 2] and all(s['toy_loss'] > 0 for s in steps)
+        assert hook_calls == [0.25, 0.25]
+        ckpt = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)
+        assert ckpt['args']['toy_weight'] == 0.25 and ckpt['model_name'] == 'CLIP_TINYCNN_TOYDIST'
+        with pytest.raises(SystemExit):
+            train.parse_args(['--model', 'CLIP_TINYCNN_TOYDIST', '--toy-weight', '-1'])
+        with pytest.raises(SystemExit):
+            train.parse_args(['--model', 'CL2L_TINYCNN_TOYDIST'])
+    finally:
+        del methods.METHODS['TOYDIST']
+    assert 'CLIP_TINYCNN_TOYDIST' not in models.list_models()
+    assert '--toy-weight' not in train.get_args_parser().format_help()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -233,7 +328,8 @@ def test_ema_teacher_update_is_exact():
                 p.add_(torch.randn_like(p))
     before = {n: p.clone() for n, p in m.teacher.named_parameters()}
     student = {n: p.clone() for n, p in m.named_parameters() if not n.startswith('teacher.')}
-    m.after_step(0.9)
+    m.after_step()
+    methods.step_hook(train.parse_args(['--model', 'CL2L_TINYVIT_BYOLIP', '--momentum-tau', '0.9']))(m)
     for n, t in m.teacher.named_parameters():
         expected = 0.9 * before[n] + 0.1 * student[n]
         if n.endswith('logit_scale'):
@@ -303,7 +399,7 @@ def test_loader_workers_read_wordnet_without_sharing_file_offsets():
 
 def datasets_loader_uses_it():
     import datasets
-    args = argparse.Namespace(workers=1, prefetch_factor=2, seed=0, train_num_samples=None, batch_size=2)
+    args = train.parse_args(['--workers', '1', '--batch-size', '2'])
     _, loader = datasets.build_loader(_WordNetLookups(), args)
     return loader.worker_init_fn.args == (augment.fresh_wordnet_files,)   # composed by StopSafeLoader
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import engine
-import losses
 import main as train
+import methods
 import models
 
 DEVICE = torch.device('cpu')
@@ -25,7 +25,7 @@ def _step_grads(model_name, precision, scaler=None):
     """Loss and unscaled gradients of one step (fresh, identically initialised model)."""
     torch.manual_seed(0)
     model = models.create_model(model_name).train()
-    loss_fn = losses.build_loss(models.parse_model_name(model_name)[2], train.parse_args([]))
+    loss_fn = methods.build_loss(train.parse_args(['--model', model_name]))
     scaler = scaler or torch.amp.GradScaler('cpu', enabled=False)
     size = models.BACKBONES.get(models.parse_model_name(model_name)[1]).image_size
     terms = engine.accumulate_simple(model, loss_fn, [_batch(size)], scaler, DEVICE, precision)
@@ -62,10 +62,10 @@ def test_mixed_precision_step_follows_fp32(model_name, precision):
 
 def test_amp_scaler_skips_an_overflowing_step_and_backs_off():
     """fp16 overflow: GradScaler leaves the weights untouched and halves its scale (the step is
-    not counted as bad by engine._grads_finite's caller: the scaler owns overflow under amp)."""
+    not counted as bad by engine.train_step's guard: the scaler owns overflow under amp)."""
     torch.manual_seed(0)
     model = models.create_model('CLIP_TINYVIT_CLIP').train()
-    loss_fn = losses.build_loss('CLIP', train.parse_args([]))
+    loss_fn = methods.build_loss(train.parse_args([]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 60)   # scaled loss overflows fp16 grads
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

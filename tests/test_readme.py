@@ -1,7 +1,7 @@
 """The docs tell the truth: the README's two commands exist, every flag of every command-line
-tool is in its flag table and every flag in a table exists, the model-zoo table is what
-tools/zoo_table.py prints, and every link and file path in README.md, docs/*.md and
-bench/RESULTS.md points at something in the repository."""
+tool is in its flag table and every flag in a table exists, the model-zoo and method tables are
+what tools/zoo_table.py prints from the registries, and every link and file path in README.md,
+docs/*.md and bench/RESULTS.md points at something in the repository."""
 import argparse
 import glob
 import os
@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import main as train
+import methods
 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,3 +224,8 @@ def test_no_file_names_a_document_users_do_not_have():
                 continue
             hits += [f'{path}: {n}' for n in banned if n in text]
     assert not hits, hits
+
+
+def test_method_table_is_the_registry():
+    """README's method table is `python tools/zoo_table.py --methods` (methods.markdown_table)."""
+    assert methods.markdown_table() in README, 'paste the output of: python tools/zoo_table.py --methods'

@@ -17,8 +17,8 @@ from torch.utils.data._utils import signal_handling
 
 import checkpoint
 import datagen
-import losses
 import main as train
+import methods
 import utils
 from test_data_order import _loader
 from test_main import TINY, read_jsonl
@@ -187,11 +187,11 @@ def test_real_full_disk_stops_with_one_line_and_the_same_command_resumes(tmp_pat
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     out = tmp_path / 'out'
-    build = losses.build_loss
+    build = methods.build_loss
     calls = {'n': 0}
 
-    def poisoned(method, args):
-        loss_fn = build(method, args)
+    def poisoned(args):
+        loss_fn = build(args)
 
         def forward(out_):
             terms = loss_fn(out_)
@@ -200,7 +200,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
                 terms['loss'] = terms['loss'] * float('nan')
             return terms
         return forward
-    monkeypatch.setattr(train.losses, 'build_loss', poisoned)
+    monkeypatch.setattr(train.methods, 'build_loss', poisoned)
     with pytest.raises(SystemExit, match='3 steps in a row had a non-finite loss'):
         _run(out, '--epochs', '1', '--max-bad-steps', '3', '--save-freq-steps', '2', '--keep-checkpoints', '3')
     good = torch.load(out / 'checkpoint.2.pt', weights_only=True)   # saved at step 2 (.1: step 4)

@@ -1,7 +1,10 @@
-"""Print the README's model-zoo table (tests/test_readme.py checks it): image/text tower parameters and forward GFLOPs per
-sample at 224 px (counted with torch.utils.flop_counter; a multiply-add is 2 FLOPs).
+"""Print the README's model-zoo tables: the backbones' image/text tower parameters and forward
+GFLOPs per sample at 224 px (counted with torch.utils.flop_counter; a multiply-add is 2
+FLOPs), or with --methods the method table, from the registry (methods.py; README's copy is
+checked by tests/test_readme.py).
 
     python tools/zoo_table.py
+    python tools/zoo_table.py --methods
 """
 import os
 import sys
@@ -10,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import methods  # noqa: E402
 import models  # noqa: E402
 import text  # noqa: E402
 
@@ -35,6 +39,9 @@ def row(backbone, tokens):
 
 
 if __name__ == '__main__':
+    if sys.argv[1:] == ['--methods']:
+        print(methods.markdown_table())
+        sys.exit()
     tokens = text.Tokenizer()(['x ' * 75])          # a full 77-token caption
     print('| backbone | timm model | px | image params | image GFLOPs | text params | text GFLOPs (77 tok) |')
     print('|---|---|---|---|---|---|---|')
