@@ -1,7 +1,7 @@
 """Training methods: one `MethodSpec` per method, registered in `METHODS`. A method is its
 registry entry: the bases it goes with, its loss (math in losses.py), its hyper-parameters
 (a dataclass whose fields are its command-line flags), the heads it adds, its flag checks and
-its per-step hook. main.py, models.py, the engine, the tests and the README table read it here.
+its per-step hook. main.py, models.py, the engine, the tests and the method table of docs/zoo.md read it here.
 
 Adding a method: write its loss class (losses.py), register a MethodSpec below, add its case
 to tests/test_methods.py (METHOD_CASES, plus a test of its loss formula).
@@ -47,7 +47,7 @@ class MethodSpec:
     resolve: Optional[Callable] = None   # resolve(args): derived values of its flags (in parse_args)
     validate: Optional[Callable] = None  # validate(args): ValueError on bad flag combinations
     after_step: Optional[Callable] = None  # after_step(model, params) after every optimizer step
-    idea: str = ''               # README method table: idea, paper, loss (class and flags)
+    idea: str = ''               # docs/zoo.md method table: idea, paper, loss (class and flags)
     paper: str = ''
     loss_doc: str = ''
 
@@ -159,7 +159,8 @@ for _spec in [
                lambda a, p: losses.BarLIPLoss(**_common(a), lamb=p.barlip_lamb, scale=p.barlip_scale_loss),
                why_not=_VIEWS.format(m='BARLIP'), params=BarLIPParams, head=BarLIPHead,
                idea='CL2L + Barlow Twins between image and text projections (8192-d, cross-correlation '
-                    'averaged across ranks, off-diagonal 5e-3, scale 0.025)',
+                    'averaged across ranks, off-diagonal 5e-3, scale 0.025: on several processes upstream\'s gradient '
+                    'was 1/W of that, [see below](#barlips-loss-scale-upstreams-gradient-shrinks-with-the-number-of-processes))',
                paper=_FINI.format('Zbontar et al. 2021'), loss_doc='`BarLIPLoss`'),
     MethodSpec('SWALIP', ('CL2L',),
                lambda a, p: losses.SwALIPLoss(**_common(a), weight=p.swalip_weight,
@@ -273,7 +274,7 @@ def step_hook(args):
 # ----------------------------------------------------------------------------- docs
 
 def markdown_table():
-    """README's method table, from the registry."""
+    """docs/zoo.md's method table, from the registry."""
     rows = ['| method | bases | idea | paper | loss |', '|---|---|---|---|---|']
     rows += [f"| `{s.name}` | {', '.join(s.bases)} | {s.idea} | {s.paper} | {s.loss_doc} |"
              for s in METHODS.values()]

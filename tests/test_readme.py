@@ -227,5 +227,7 @@ def test_no_file_names_a_document_users_do_not_have():
 
 
 def test_method_table_is_the_registry():
-    """README's method table is `python tools/zoo_table.py --methods` (methods.markdown_table)."""
-    assert methods.markdown_table() in README, 'paste the output of: python tools/zoo_table.py --methods'
+    """docs/zoo.md's method table is `python tools/zoo_table.py --methods` (methods.markdown_table)."""
+    assert methods.markdown_table() in read('docs/zoo.md'), \
+        'paste the output of `python tools/zoo_table.py --methods` into docs/zoo.md'
+

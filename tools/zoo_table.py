@@ -1,6 +1,6 @@
 """Print the README's model-zoo tables: the backbones' image/text tower parameters and forward
 GFLOPs per sample at 224 px (counted with torch.utils.flop_counter; a multiply-add is 2
-FLOPs), or with --methods the method table, from the registry (methods.py; README's copy is
+FLOPs), or with --methods the method table, from the registry (methods.py; docs/zoo.md's copy is
 checked by tests/test_readme.py).
 
     python tools/zoo_table.py
