@@ -197,6 +197,19 @@ def straight(slurm, repo, exp):
     return out
 
 
+def assert_ends_as_uninterrupted(straight, ckpt, optimizer=True):
+    """The job's final checkpoint equals the uninterrupted run's: step 16, bit-identical weights
+    (and optimizer state)."""
+    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a['step'] == b['step'] == 16
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    for i in a['optimizer']['state'] if optimizer else ():
+        for k in a['optimizer']['state'][i]:
+            assert torch.equal(a['optimizer']['state'][i][k], b['optimizer']['state'][i][k]), (i, k)
+
+
 def test_two_task_gloo_job_runs_to_completion(straight):
     log = open(os.path.join(straight, 'log.txt')).read().splitlines()
     assert len(log) == 2 and '"epoch": 2' in log[-1] and '"shapes_top1"' in log[-1]
@@ -228,14 +241,7 @@ def test_requeued_job_equals_uninterrupted_one(slurm, repo, exp, straight):
     resumed = [int(s) for s in re.findall(r'resumed from \S+: epoch \d+, step (\d+)', text)]
     assert resumed and resumed[0] < 16, logs(out)
     assert 'Calling checkpoint method' in text
-    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
-    assert a['step'] == b['step'] == 16
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    for i in a['optimizer']['state']:
-        for k in a['optimizer']['state'][i]:
-            assert torch.equal(a['optimizer']['state'][i][k], b['optimizer']['state'][i][k]), (i, k)
+    assert_ends_as_uninterrupted(straight, ckpt)
 
 
 def test_usr1_stops_checkpoints_requeues_and_loses_no_step(slurm, repo, exp, straight):
@@ -251,11 +257,7 @@ def test_usr1_stops_checkpoints_requeues_and_loses_no_step(slurm, repo, exp, str
     resumed = [int(s) for s in re.findall(r'resumed from \S+: epoch \d+, step (\d+)', text)]
     assert stopped and 'SIGUSR1: checkpoint written; requeued job' in text, text
     assert resumed == [stopped[0]] and stopped[0] < 16, text   # resumed at the stop: no step redone
-    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
-    assert a['step'] == b['step'] == 16
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert_ends_as_uninterrupted(straight, ckpt, optimizer=False)
 
 
 def test_scancel_with_loader_workers_checkpoints_its_step_and_the_resubmitted_job_loses_none(
@@ -282,14 +284,7 @@ def test_scancel_with_loader_workers_checkpoints_its_step_and_the_resubmitted_jo
     text = logs(out, tail=None)
     resumed = [int(s) for s in re.findall(r'resumed from \S+: epoch \d+, step (\d+)', text)]
     assert resumed == [stopped[0]], text                       # resumed at the stop: no step lost
-    a = torch.load(os.path.join(straight, 'checkpoint.pt'), weights_only=True)
-    b = torch.load(ckpt, weights_only=True)
-    assert a['step'] == b['step'] == 16
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    for i in a['optimizer']['state']:
-        for k in a['optimizer']['state'][i]:
-            assert torch.equal(a['optimizer']['state'][i][k], b['optimizer']['state'][i][k]), (i, k)
+    assert_ends_as_uninterrupted(straight, ckpt)
 
 
 def test_seed_sweep_gives_three_finished_experiments(slurm, repo, exp):
