@@ -15,6 +15,8 @@ import torch.nn as nn
 
 import checkpoint
 import interop
+import interop_openclip
+import interop_upstream
 import models
 import towers
 
@@ -106,12 +108,12 @@ def test_openai_layout_both_directions(tokenizer):
     """ln_pre + LayerNorm eps 1e-5 + QuickGELU in both towers (OpenAI's and OpenCLIP's native ViT)
     map key by key onto timm's CLIP ViT; the config inferred from an OpenAI state dict is right."""
     oc = _randomize(open_clip.CLIP(**TINY_OAI)).eval()
-    assert interop.openai_config(oc.state_dict()) == TINY_OAI
+    assert interop_openclip.openai_config(oc.state_dict()) == TINY_OAI
     ours = models.CLIP(TINY_OAI_TOWER, models.TextCfg(width=128, heads=2, layers=2, act='quick_gelu'), 64,
                        image_size=32).eval()
-    interop.load_openclip(ours, oc.state_dict(), TINY_OAI)
+    interop_openclip.load_openclip(ours, oc.state_dict(), TINY_OAI)
     _same_outputs(oc, ours, tokenizer, 32)
-    cfg, state, _ = interop.to_openclip(ours)
+    cfg, state, _ = interop_openclip.to_openclip(ours)
     assert cfg['quick_gelu'] and 'no_ln_pre' not in cfg['vision_cfg'] and 'norm_kwargs' not in cfg['vision_cfg']
     back = open_clip.CLIP(**cfg).eval()
     back.load_state_dict(state)                                         # strict: every key, every shape
@@ -131,7 +133,7 @@ def test_torchscript_archive_is_read_without_running_it(tmp_path, tokenizer, mon
     assert all(torch.equal(state[k], ref[k]) for k in ref)
     ours = models.CLIP(TINY_OAI_TOWER, models.TextCfg(width=128, heads=2, layers=2, act='quick_gelu'), 64,
                        image_size=32).eval()
-    interop.load_openclip(ours, state, interop.openai_config(state))
+    interop_openclip.load_openclip(ours, state, interop_openclip.openai_config(state))
     _same_outputs(oc, ours, tokenizer, 32)
 
 
@@ -153,9 +155,9 @@ def test_timm_adapter_route_both_directions(tmp_path, tokenizer):
     exact in both directions (resnet10t stands in for R50, which takes the same route)."""
     flags = {'image_tower': 'resnet10t', 'clip_proj_type': 'linear', 'image_size': 64}
     ours = _randomize(models.create_model('CLIP_TINYCNN_CLIP', **interop._create_kwargs(flags))).eval()
-    cfg, state, _ = interop.to_openclip(ours)
+    cfg, state, _ = interop_openclip.to_openclip(ours)
     assert cfg['vision_cfg']['timm_model_name'] == 'resnet10t' and cfg['vision_cfg']['timm_pool'] == ''
-    interop.write_openclip(str(tmp_path / 'r10'), 'tiny-r10-interop', cfg, state, 64)
+    interop_openclip.write_openclip(str(tmp_path / 'r10'), 'tiny-r10-interop', cfg, state, 64)
     open_clip.add_model_config(str(tmp_path / 'r10' / 'tiny-r10-interop.json'))
     weights = str(tmp_path / 'r10' / 'open_clip_pytorch_model.bin')
     oc = open_clip.create_model('tiny-r10-interop', pretrained=weights).eval()
@@ -181,7 +183,7 @@ def test_openai_vitb32_builds_the_matching_timm_tower(tmp_path, tokenizer):
     assert ckpt['args']['text_act'] == 'quick_gelu' and ckpt['args']['embed_dim'] == 512
     ours = checkpoint.load_model(ckpt, 64)
     _same_outputs(oc, ours, tokenizer, 64)
-    cfg_out, _, _ = interop.to_openclip(ours)                           # exports back to OpenCLIP's own ViT
+    cfg_out, _, _ = interop_openclip.to_openclip(ours)                           # exports back to OpenCLIP's own ViT
     assert cfg_out['quick_gelu'] and cfg_out['vision_cfg'] == {**cfg['vision_cfg'], 'head_width': 64, 'mlp_ratio': 4.0}
 
 
@@ -206,7 +208,7 @@ def test_cliprocket_round_trip_is_exact(case, tmp_path):
     argparse.Namespace, momentum model apart) -> ours gives back every tensor bit for bit."""
     name, kw = ROCKET_CASES[case]
     ours = _randomize(models.create_model(name, text_act='quick_gelu', **kw))
-    up = interop.to_upstream(ours)
+    up = interop_upstream.to_upstream(ours)
     args = argparse.Namespace(model=name.replace('BYOLIP', 'SIAMLIP'), momentum=name.endswith('BYOLIP'),
                               transformer_heads=ours.text_cfg.heads,      # upstream: always 8 (512 wide)
                               **{k: v for k, v in kw.items() if k != 'proj_type'})
@@ -236,7 +238,7 @@ def test_cliprocket_biases_before_batchnorm_fold_exactly():
     """Upstream MLPs have a Linear bias before each BatchNorm, ours not: the bias moves into the
     running mean; eval outputs equal (and in training the batch mean cancels it either way)."""
     ours = _randomize(models.create_model('CL2L_TINYVIT_CL2L', separate_proj=True, text_act='quick_gelu'))
-    up = {k[len('module.'):]: v.clone() for k, v in interop.to_upstream(ours)['state_dict'].items()}
+    up = {k[len('module.'):]: v.clone() for k, v in interop_upstream.to_upstream(ours)['state_dict'].items()}
     g = torch.Generator().manual_seed(3)
     for layer in ('layer1', 'layer2'):
         key = f'l2l_image_projector.{layer}.bias'
@@ -249,7 +251,7 @@ def test_cliprocket_biases_before_batchnorm_fold_exactly():
     prefix = 'l2l_image_projector.'
     ref.load_state_dict({k[len(prefix):]: v for k, v in up.items() if k.startswith(prefix)})
     back = models.create_model('CL2L_TINYVIT_CL2L', separate_proj=True, text_act='quick_gelu')
-    interop.load_upstream(back, up)
+    interop_upstream.load_upstream(back, up)
     x = torch.randn(8, dim)
     with torch.no_grad():
         assert (ref.eval()(x) - back.h_image_projection.eval()(x)).abs().max() < TOL
@@ -258,7 +260,7 @@ def test_cliprocket_biases_before_batchnorm_fold_exactly():
 
 def test_slip_round_trip_and_names(tmp_path):
     ours = _randomize(models.create_model('CLIP_TINYVIT_CLIP', text_act='quick_gelu'))
-    up = interop.to_upstream(ours, layout='slip')['state_dict']
+    up = interop_upstream.to_upstream(ours, layout='slip')['state_dict']
     assert up['module.image_projection'].shape == (ours.vision_width, ours.embed_dim)   # a Parameter, [W, E]
     up['module.image_mlp.layer1.weight'] = torch.zeros(4, ours.vision_width)            # SLIP's SimCLR head
     args = argparse.Namespace(model='SLIP_TINYVIT', transformer_heads=ours.text_cfg.heads)
@@ -266,9 +268,9 @@ def test_slip_round_trip_and_names(tmp_path):
     back, name, _, notes = interop.import_checkpoint('slip', str(tmp_path / 'slip.pt'))
     assert name == 'CLIP_TINYVIT_CLIP' and any('image_mlp' in n for n in notes)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
-    assert interop._our_name('CLIP_VITS16', {}, 'slip') == 'CLIP_VITS16MOCO_CLIP'    # SLIP's ViT-S: 12 heads
+    assert interop_upstream._our_name('CLIP_VITS16', {}, 'slip') == 'CLIP_VITS16MOCO_CLIP'    # SLIP's ViT-S: 12 heads
     with pytest.raises(ValueError, match='text tower'):
-        interop._our_name('SIMCLR_VITB16', {}, 'slip')
+        interop_upstream._our_name('SIMCLR_VITB16', {}, 'slip')
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -278,11 +280,11 @@ def test_modified_resnet_is_refused_but_its_text_tower_loads(tokenizer):
            'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 128, 'heads': 4, 'layers': 2}}
     oc = _randomize(open_clip.CLIP(**cfg)).eval()
     with pytest.raises(ValueError, match='ModifiedResNet.*no exact mapping'):
-        interop.flags_for_openclip('CLIP_R50_CLIP', cfg)
-    assert interop.openai_config(oc.state_dict())['vision_cfg']['layers'] == [1, 1, 1, 1]
-    flags, _ = interop.flags_for_openclip('CLIP_TINYCNN_CLIP', cfg, text_only=True)
+        interop_openclip.flags_for_openclip('CLIP_R50_CLIP', cfg)
+    assert interop_openclip.openai_config(oc.state_dict())['vision_cfg']['layers'] == [1, 1, 1, 1]
+    flags, _ = interop_openclip.flags_for_openclip('CLIP_TINYCNN_CLIP', cfg, text_only=True)
     ours = models.create_model('CLIP_TINYCNN_CLIP', **interop._create_kwargs(flags)).eval()
-    notes = interop.load_openclip(ours, oc.state_dict(), cfg, text_only=True)
+    notes = interop_openclip.load_openclip(ours, oc.state_dict(), cfg, text_only=True)
     assert any('visual' in n for n in notes)
     _, text = _inputs(tokenizer, 64)
     with torch.no_grad():
@@ -294,24 +296,24 @@ def test_mismatched_architectures_fail_saying_why():
     tiny = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=64, transformer_width=128, transformer_heads=2,
                                text_act='quick_gelu')
     with pytest.raises(ValueError, match='image towers differ: .*ln_pre True'):
-        interop.load_openclip(tiny, oai, TINY_OAI)
+        interop_openclip.load_openclip(tiny, oai, TINY_OAI)
     with pytest.raises(ValueError, match='no timm ViT matches'):            # nothing in timm is this tiny CLIP ViT
-        interop.flags_for_openclip('CLIP_TINYVIT_CLIP', TINY_OAI)
+        interop_openclip.flags_for_openclip('CLIP_TINYVIT_CLIP', TINY_OAI)
     gelu = models.create_model('CLIP_TINYVIT_CLIP', embed_dim=64, transformer_width=128, transformer_heads=2)
     with pytest.raises(ValueError, match='text towers differ: quick_gelu True'):
-        interop.load_openclip(gelu, oai, TINY_OAI)
+        interop_openclip.load_openclip(gelu, oai, TINY_OAI)
     with pytest.raises(ValueError, match='MLP image projection'):
-        interop.to_openclip(models.create_model('CLIP_TINYCNN_CLIP'))     # TINYCNN projects with an MLP
+        interop_openclip.to_openclip(models.create_model('CLIP_TINYCNN_CLIP'))     # TINYCNN projects with an MLP
     with pytest.raises(ValueError, match='not a timm model'):
-        interop.to_openclip(models.create_model('CLIP_TINYCNN_CLIP', proj_type='linear'))
+        interop_openclip.to_openclip(models.create_model('CLIP_TINYCNN_CLIP', proj_type='linear'))
     siglip = {**TINY_OC, 'vision_cfg': {**TINY_OC['vision_cfg'], 'pool_type': 'avg'}}
     with pytest.raises(ValueError, match="pool_type='avg'"):
-        interop.openclip_vit_spec(siglip)
+        interop_openclip.openclip_vit_spec(siglip)
     ours = models.create_model('CLIP_TINYVIT_CLIP', text_act='quick_gelu')
-    state = {k[len('module.'):]: v for k, v in interop.to_upstream(ours)['state_dict'].items()}
+    state = {k[len('module.'):]: v for k, v in interop_upstream.to_upstream(ours)['state_dict'].items()}
     state['image_projector.layer1.weight'] = torch.zeros(1)
     with pytest.raises(ValueError, match='clip-proj-type mlp'):
-        interop.flags_for_upstream(state, {'model': 'CLIP_TINYVIT_CLIP'})
+        interop_upstream.flags_for_upstream(state, {'model': 'CLIP_TINYVIT_CLIP'})
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -342,7 +344,7 @@ def _export_config(name):
     for param in (p for n, p in model.named_parameters() if n.startswith('logit_')):
         param.data.zero_()                                  # written into the config (init_logit_bias)
     try:
-        return interop.to_openclip(model)[0]
+        return interop_openclip.to_openclip(model)[0]
     except ValueError:
         return None
 
@@ -359,7 +361,7 @@ def test_every_exportable_model_gets_the_clip_tokenizer_in_open_clip(tmp_path):
         cfg = _export_config(name)
         if cfg is None:
             continue
-        oc_name = interop.openclip_export_name(name)
+        oc_name = interop_openclip.openclip_export_name(name)
         (tmp_path / f'{oc_name}.json').write_text(json.dumps(cfg))
         open_clip.add_model_config(str(tmp_path / f'{oc_name}.json'))
         oc_tokenizer = open_clip.get_tokenizer(oc_name)

@@ -7,6 +7,7 @@ import torch
 
 import losses
 import models
+import text_transformer
 from conftest import params_without_grad, unzero_norms
 
 REAL_SMALL_RES = 64          # real towers run at a small resolution to keep the test fast
@@ -57,7 +58,7 @@ def test_openai_state_dict_layout():
 def test_attention_matches_reference_mha():
     """Our SDPA attention equals nn.MultiheadAttention with the same weights and causal mask."""
     torch.manual_seed(0)
-    ours = models.CausalSelfAttention(32, 4)
+    ours = text_transformer.CausalSelfAttention(32, 4)
     torch.nn.init.normal_(ours.in_proj_weight, std=0.2)
     ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
     ref.load_state_dict(ours.state_dict())
