@@ -152,10 +152,11 @@ def test_full_filesystem_leaves_no_partial_file_and_the_old_one_intact(tmp_path,
         assert torch.equal(checkpoint.load_checkpoint(path)['w'], torch.ones(1000))
 
 
-def _cli(out):
+def _cli(out, *extra):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline'}
     return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *TINY, '--epochs', '2',
-                           '--output-dir', str(out)], env=env, capture_output=True, text=True, timeout=1200)
+                           '--output-dir', str(out), *extra], env=env, capture_output=True, text=True,
+                          timeout=1200)
 
 
 @pytest.mark.slow
@@ -169,7 +170,8 @@ def test_real_full_disk_stops_with_one_line_and_the_same_command_resumes(tmp_pat
         size = os.path.getsize(out / 'checkpoint.pt')
         used = sum(os.path.getsize(out / n) for n in os.listdir(out))
         _resize(out, used + size // 2)                  # epoch 2's checkpoint cannot fit
-        full = _cli(out)
+        longer = '--allow-resume-changes'               # epoch 1 ran with --epochs 1: train longer
+        full = _cli(out, longer)
         assert full.returncode == 1, full.stderr[-2000:]
         assert 'Traceback' not in full.stderr, full.stderr[-3000:]
         errors = [line for line in full.stderr.splitlines() if 'error' in line.lower()]
@@ -179,7 +181,7 @@ def test_real_full_disk_stops_with_one_line_and_the_same_command_resumes(tmp_pat
         ckpt = checkpoint.load_checkpoint(str(out / 'checkpoint.pt'))          # verified
         assert ckpt['step'] == 8 and ckpt['epoch'] == 1
         _resize(out, '1g')                              # space freed
-        again = _cli(out)
+        again = _cli(out, longer)
         assert again.returncode == 0, again.stderr[-2000:]
         assert f"resumed from {out / 'checkpoint.pt'}: epoch 1, step 8" in again.stdout
         assert checkpoint.load_checkpoint(str(out / 'checkpoint.pt'))['step'] == 16
