@@ -317,11 +317,7 @@ def resolve_data_args(args):
     spec = DATASETS.get(args.dataset)
     if not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
-    for key in ('max_image_pixels', 'prefetch_factor'):
-        if getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    utils.check_counts(args, positive=['max_image_pixels', 'prefetch_factor'], non_negative=['workers'])
     if spec.needs_root and not args.root:
         raise ValueError(f"--dataset {args.dataset} needs --root (see docs/data.md)")
     if spec.needs_metadata and not args.metadata:

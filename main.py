@@ -277,8 +277,7 @@ def resolve_method_args(args):
     """The CL2L/method flags: shared checks here, each method's own in methods.py."""
     if args.logit_scale_init is not None and args.logit_scale_init <= 0:
         raise ValueError(f"--logit-scale-init must be > 0 (it is exp(logit scale)), got {args.logit_scale_init}")
-    if args.num_augs < 0:
-        raise ValueError(f"--num-augs must be >= 0, got {args.num_augs}")
+    utils.check_counts(args, non_negative=['num_augs'])
     methods.resolve(args)
     weights = [args.synonym_replacement_prob, args.random_swap_prob, args.random_deletion_prob]
     if min(weights) < 0 or sum(weights) > 1 + 1e-9:
