@@ -18,6 +18,7 @@ import re
 
 import torch
 
+import model_ema
 import models
 import utils
 
@@ -268,9 +269,10 @@ def describe(obj):
     return f"a dict with keys {', '.join(sorted(map(str, obj))[:6]) or '(none)'}"
 
 
-def load_model_checkpoint(path, flag='--resume'):
+def load_model_checkpoint(path, flag='--resume', use_ema=False):
     """A verified checkpoint with a model to build (main.py's or interop.py import's);
-    CheckpointError (one line) for anything else."""
+    CheckpointError (one line) for anything else. use_ema: its `model` is the EMA weights
+    (main.py --model-ema), which every reader of the checkpoint then uses."""
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get('kind') == FINETUNE_KIND:
         raise CheckpointError(f"{flag} {path}: a fine-tuned classifier (finetune_classification.py); "
@@ -281,6 +283,11 @@ def load_model_checkpoint(path, flag='--resume'):
     if missing:
         raise CheckpointError(f"{flag} {path}: not a checkpoint written by main.py (no {', '.join(missing)})")
     models.parse_model_name(ckpt['model_name'])
+    if use_ema:
+        try:
+            ckpt = dict(ckpt, model=model_ema.weights_of(ckpt, f"{flag} {path}"))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     return ckpt
 
 

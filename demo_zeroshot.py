@@ -26,6 +26,8 @@ ROW_INCHES, WIDTH_INCHES, DPI = 2.0, 8.0, 100
 def get_args_parser():
     parser = argparse.ArgumentParser('vlp-baselines zero-shot demo', add_help=False)
     parser.add_argument('--checkpoint', required=True, help='checkpoint written by main.py')
+    parser.add_argument('--use-ema', action='store_true',
+                        help="use the checkpoint's EMA weights (main.py --model-ema)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument('--img-path', nargs='+', help='one or more image files')
     where.add_argument('--img-dir', help='every image file in this folder (sorted)')
@@ -109,7 +111,7 @@ def main(argv=None):
         paths = image_paths(args)
         if not paths:
             raise ValueError(f'no image files in {args.img_dir}')
-        ckpt = checkpoint.load_model_checkpoint(args.checkpoint, '--checkpoint')
+        ckpt = checkpoint.load_model_checkpoint(args.checkpoint, '--checkpoint', use_ema=args.use_ema)
         image_size = args.image_size or ckpt['args']['image_size']
         model = checkpoint.load_model(ckpt, image_size)
         if args.head not in zeroshot.model_heads(model):

@@ -86,8 +86,8 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
         if (i + 1) % k:
             continue
         lr = lr_at(state.step)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        for group in optimizer.param_groups:    # a feature's group may scale it (features.py)
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         terms, stepped = train_step(model, loss_fn, micro_batches, optimizer, scaler, device,
                                     args.precision, accumulate, after_step)
         micro_batches = []

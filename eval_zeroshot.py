@@ -32,6 +32,9 @@ CB_MODEL_TYPE = 'vlp_baselines'
 def get_args_parser():
     parser = argparse.ArgumentParser('vlp-baselines zero-shot evaluation', add_help=False)
     parser.add_argument('--resume', required=True, help='checkpoint written by main.py')
+    parser.add_argument('--use-ema', action='store_true',
+                        help="evaluate the checkpoint's EMA weights (main.py --model-ema); result files "
+                             "are named <checkpoint>-ema_..., the default --output-dir is zeroshot-ema/")
     parser.add_argument('--data-root', default=os.environ.get('VLP_EVAL_DATA', 'data'),
                         help='directory holding the catalog datasets (default: $VLP_EVAL_DATA or ./data)')
     parser.add_argument('--datasets', nargs='+', default=['*'],
@@ -117,8 +120,8 @@ def result_record(r, ckpt_path, ckpt, sha, image_size, heads):
             'source': {'type': r.source.get('type'), 'path': r.source.get('path')}}
 
 
-def json_name(r, ckpt_path, model_name, image_size):
-    slug = os.path.splitext(os.path.basename(ckpt_path))[0]
+def json_name(r, ckpt_path, model_name, image_size, ema=False):
+    slug = os.path.splitext(os.path.basename(ckpt_path))[0] + ('-ema' if ema else '')
     return f'{r.name}_{slug}_{model_name}_{image_size}px_{r.task}.json'
 
 
@@ -198,7 +201,8 @@ def text_cache(sha, args):
 def check_outputs(args, parser):
     """A one-line parser error unless every result file can be written (fills --output-dir)."""
     default = '' if args.output_dir else ' (the default, beside the checkpoint; pass --output-dir DIR)'
-    args.output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)), 'zeroshot')
+    args.output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.resume)),
+                                                      'zeroshot-ema' if args.use_ema else 'zeroshot')
     try:
         utils.check_output_path(args.output_dir, '--output-dir', is_dir=True)
     except ValueError as e:
@@ -222,7 +226,7 @@ def main(argv=None):
         catalog, _, _ = zeroshot.load_catalog(args.catalog, args.labels, args.templates)
         names = zeroshot.expand_names(args.datasets, catalog)
         paths = parse_paths(args.path)
-        ckpt = checkpoint.load_model_checkpoint(args.resume)
+        ckpt = checkpoint.load_model_checkpoint(args.resume, use_ema=args.use_ema)
         resolutions = args.resolutions or [args.image_size or ckpt['args']['image_size']]
         if min(resolutions) <= 0 or args.batch_size <= 0 or args.classes_per_batch <= 0:
             raise ValueError('--resolutions, --batch-size and --classes-per-batch must be > 0')
@@ -233,7 +237,7 @@ def main(argv=None):
         args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
     check_outputs(args, parser)                                 # before the evaluation, not after it
     sha = checkpoint.file_sha256(args.resume)
-    cache = text_cache(sha, args)
+    cache = text_cache(sha + ('-ema' if args.use_ema else ''), args)   # keyed by the weights used
     tokenizer = towers.tokenizer_for(ckpt['args'])     # CLIP BPE, or the --text-tower's own
     os.makedirs(args.output_dir, exist_ok=True)
     rows, by_resolution = [], {}
@@ -249,9 +253,10 @@ def main(argv=None):
                 if image_size == resolutions[0]:
                     print(f"{r.name}: skipped: {r.skipped}")
                 continue
-            record = result_record(r, args.resume, ckpt, sha, image_size, zeroshot.model_heads(model))
-            with open(os.path.join(args.output_dir, json_name(r, args.resume, ckpt['model_name'],
-                                                              image_size)), 'w') as f:
+            record = dict(result_record(r, args.resume, ckpt, sha, image_size, zeroshot.model_heads(model)),
+                          weights='ema' if args.use_ema else 'live')
+            name = json_name(r, args.resume, ckpt['model_name'], image_size, args.use_ema)
+            with open(os.path.join(args.output_dir, name), 'w') as f:
                 json.dump(record, f, indent=1)
         by_resolution[image_size] = {n: ({'skipped': r.skipped} if r.skipped else r.percent())
                                      for n, r in results.items()}

@@ -95,9 +95,10 @@ def save_ours(path, model, name, flags, source):
                      'epoch': 0, 'step': 0, 'interop': source}, path)
 
 
-def load_ours(path):
-    """(model, checkpoint) of one of our checkpoints, verified, weights loaded, eval mode."""
-    ckpt = checkpoint.load_model_checkpoint(path, '--checkpoint')
+def load_ours(path, use_ema=False):
+    """(model, checkpoint) of one of our checkpoints, verified, weights loaded (its EMA weights
+    with use_ema), eval mode."""
+    ckpt = checkpoint.load_model_checkpoint(path, '--checkpoint', use_ema)
     return checkpoint.load_model(ckpt), ckpt
 
 
@@ -154,6 +155,8 @@ def get_args_parser():
                      help='our checkpoint to write (eval_zeroshot.py --resume, main.py --finetune)')
     exp = sub.add_parser('export', help='one of our checkpoints -> OpenCLIP (or clip-rocket / SLIP layout)')
     exp.add_argument('--checkpoint', required=True, help='a checkpoint written by main.py or interop.py import')
+    exp.add_argument('--use-ema', action='store_true',
+                     help="export the checkpoint's EMA weights (main.py --model-ema) instead of the live ones")
     exp.add_argument('--to', default='openclip', choices=['openclip', 'cliprocket', 'slip'])
     exp.add_argument('--out', required=True, help='openclip: a directory; cliprocket / slip: a .pt file')
     exp.add_argument('--name', default=None, help="OpenCLIP config name (default: our model name, 'SIGLIP' "
@@ -182,7 +185,7 @@ def main(argv=None):
             save_ours(args.out, model, name, flags, source)
             print(f"wrote {args.out}: {name} with {flags}")
         else:
-            model, ckpt = load_ours(args.checkpoint)
+            model, ckpt = load_ours(args.checkpoint, args.use_ema)
             if args.to == 'openclip':
                 name = openclip_export_name(ckpt['model_name'], args.name)
                 cfg, state, notes = to_openclip(model)

@@ -20,9 +20,11 @@ import augment
 import checkpoint
 import datasets
 import engine
+import features
 import methods
 import models
 import rundir
+from run_checkpoint import RunCheckpoints, load_finetune_weights, plain_args
 import text_reduction
 import towers
 import utils
@@ -89,6 +91,7 @@ def get_args_parser():
     g.add_argument('--text-drop-path-prob', type=float, default=0.0,
                    help='stochastic depth in the text tower for text views')
     methods.add_args(parser)    # each method's own flags, one group per method (methods.py)
+    features.add_args(parser)   # each training feature's flags (features.py): --model-ema, ...
 
     g = parser.add_argument_group('augmentation (CL2L views)')
     g.add_argument('--multicrop-resize', type=int, default=None,
@@ -225,6 +228,7 @@ def resolve_args(args):
     if args.image_size is None:
         args.image_size = models.BACKBONES.get(args.backbone).image_size
     resolve_method_args(args)
+    features.resolve(args)
     if args.disable_amp:
         args.precision = 'fp32'
     if args.precision == 'auto':
@@ -289,109 +293,13 @@ def resolve_method_args(args):
         augment.require_wordnet()
 
 
-def build_optimizer(model, args):
-    groups = models.param_groups(model, args.wd)
+def build_optimizer(model, args, extra_groups=()):
+    groups = models.param_groups(model, args.wd) + list(extra_groups)
     kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     try:  # fused AdamW: one kernel per step instead of a loop over tensors (3x on CPU)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
-
-
-def load_resume_checkpoint(args):
-    """-> (path, verified main.py checkpoint) of --resume, or the newest good one of output-dir,
-    or (None, None) for a fresh run; anything unusable stops the run with one line."""
-    if args.resume:
-        try:
-            return args.resume, require_training_checkpoint(checkpoint.load_checkpoint(args.resume),
-                                                            args.resume)
-        except checkpoint.CheckpointError as e:
-            raise SystemExit(f"main.py: error: --resume: {e}") from None
-    latest = os.path.join(args.output_dir, 'checkpoint.pt')
-    candidates = checkpoint.rotated_paths(latest, max(1, args.keep_checkpoints))
-    for p in candidates:
-        if os.path.exists(p) and not os.path.isfile(p):
-            raise SystemExit(f"main.py: error: {p} is not a file (a directory?); move it away, "
-                             f"or pass --resume FILE or another --output-dir")
-    ckpt, path = checkpoint.load_latest_good(latest, args.keep_checkpoints)
-    if ckpt is None and any(os.path.isfile(p) for p in candidates):
-        raise SystemExit(f"main.py: error: no readable checkpoint among {', '.join(candidates)}; "
-                         f"pass --resume FILE or another --output-dir")
-    return path, (require_training_checkpoint(ckpt, path) if ckpt is not None else None)
-
-
-def require_training_checkpoint(ckpt, path):
-    """`ckpt` if main.py can resume it, else SystemExit saying what the file is and what to pass."""
-    if isinstance(ckpt, dict) and all(k in ckpt for k in ('model', 'model_name', 'optimizer', 'scaler', 'state')):
-        return ckpt
-    what = checkpoint.describe(ckpt)
-    if isinstance(ckpt, dict) and ckpt.get('kind') == checkpoint.FINETUNE_KIND:
-        hint = "resume it with finetune_classification.py --resume"
-    elif isinstance(ckpt, dict) and ('model' in ckpt or what.startswith('a plain state dict')):
-        hint = f"to train from its weights pass --finetune {path} (and no --resume)"
-    else:
-        hint = "pass a checkpoint.pt written by main.py"
-    raise SystemExit(f"main.py: error: {path} is {what}, not a main.py checkpoint to resume; {hint}")
-
-
-def resume_checkpoint(args, model, optimizer, scaler):
-    """Load the checkpoint to resume from, if any -> (TrainState, best_top1)."""
-    path, ckpt = load_resume_checkpoint(args)
-    if ckpt is None:
-        return engine.TrainState(), None
-    if ckpt.get('model_name') != args.model:
-        raise SystemExit(f"main.py: error: checkpoint {path} holds a {ckpt.get('model_name')} "
-                         f"model, not {args.model}; pass --model {ckpt.get('model_name')} "
-                         f"or another --output-dir")
-    rundir.check_resume_args(ckpt, args, path, get_args_parser())   # same run: same meaning
-    model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    state = engine.TrainState(**ckpt['state'])
-    per_rank = ckpt.get('rng_ranks') or []
-    if len(per_rank) == utils.get_world_size():
-        utils.set_rng_state(per_rank[utils.get_rank()])        # each process its own generators
-    elif utils.get_world_size() == 1:
-        utils.set_rng_state(ckpt['rng'])
-    else:       # another number of processes: distinct, reproducible streams per rank
-        print(f"note: the checkpoint has random states for {len(per_rank) or 1} process(es), not "
-              f"{utils.get_world_size()}: reseeding each process from --seed, rank and step")
-        utils.seed_everything(args.seed + utils.get_rank() + 7919 * state.step)
-    print(f"resumed from {path}: epoch {state.epoch}, step {state.step}, "
-          f"batch {state.batch_in_epoch} of the epoch")
-    return state, ckpt.get('best_top1')
-
-
-def save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep=1):
-    """Write a checkpoint (atomically, `keep` versions, each with its digest); a failed write
-    (disk full) stops the run with the earlier checkpoints intact."""
-    try:
-        _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep)
-    except checkpoint.CheckpointWriteError as e:
-        raise SystemExit(f"main.py: error: {e}; free some space and rerun the same command to resume") from None
-
-
-def _save_checkpoint(path, args, model, optimizer, scaler, state, best_top1, keep):
-    checkpoint.save_on_master({
-        'model': engine.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(), 'epoch': state.epoch, 'step': state.step,
-        'state': state.as_dict(), 'args': plain_args(args), 'model_name': args.model,
-        'rng': utils.rng_state(), 'rng_ranks': utils.all_rng_states(), 'best_top1': best_top1},
-        path, keep)
-
-
-def load_finetune_weights(model, path):
-    """--finetune: the weights of a main.py / interop.py checkpoint (or a plain state dict) into
-    `model`, position embeddings resampled -> (loaded, skipped, missing); else one line."""
-    try:
-        ckpt = checkpoint.load_checkpoint(path)
-        state = ckpt.get('model') if isinstance(ckpt, dict) and 'model_name' in ckpt else ckpt
-        if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-            raise ValueError(f"{path} is {checkpoint.describe(ckpt)}; pass a checkpoint written by "
-                             f"main.py or interop.py import, or a state dict")
-        return models.load_weights(model, state)
-    except ValueError as e:
-        raise SystemExit(f"main.py: error: --finetune: {e}") from None
 
 
 def compile_for_training(model):
@@ -402,20 +310,18 @@ def compile_for_training(model):
     return torch.compile(model)
 
 
-def plain_args(args):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
 def build_loader(dataset, args):
     """-> (sampler with set_epoch(epoch, start), DataLoader); see datasets.build_loader."""
     return datasets.build_loader(dataset, args)
 
 
 def report_zeroshot(results):
+    """One line per dataset and weights; the live weights' lines come last (the demo's last line)."""
     catalog = zeroshot.load_catalog()[0]
-    for name, r in results.items():
-        label = catalog[name].get('display', name)
-        print(f"zero-shot top-1 ({label}): {r['top1']:.1f}%")
+    for weights in sorted(results, key=lambda w: w == 'live'):
+        for name, r in results[weights].items():
+            label = catalog[name].get('display', name) + ('' if weights == 'live' else f', {weights} weights')
+            print(f"zero-shot top-1 ({label}): {r['top1']:.1f}%")
 
 
 def main(argv=None, args=None):
@@ -454,11 +360,13 @@ def run(args, argv, device, run_lock):
         model.set_grad_checkpointing(True)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     loss_fn = methods.build_loss(args)
-    after_step = methods.step_hook(args)        # e.g. BYOLIP's EMA teacher update
+    feats = features.build(args, model, device)     # --model-ema, ... (features.py)
     tokenizer = towers.tokenizer_for(args)      # the --text-tower's own, else the CLIP BPE
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, features.param_groups(feats))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'amp')
-    state, best_top1 = resume_checkpoint(args, model, optimizer, scaler)
+    checkpoints = RunCheckpoints(args, model, optimizer, scaler, feats)
+    state, best = checkpoints.resume(get_args_parser())
+    after_step = step_hooks(args, feats, state)
     if utils.get_world_size() > 1:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             model = models.sync_batchnorm(model, device)   # statistics over the global batch
@@ -470,10 +378,9 @@ def run(args, argv, device, run_lock):
     wandb_run = init_wandb(args)
 
     if args.evaluate:
-        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer, device, args.image_size,
-                                    data_root=args.eval_data_root)
+        results = validate(model, feats, args, tokenizer, device)
         report_zeroshot(results)
-        return results
+        return results['live']
 
     dataset = datasets.build_train_dataset(args, tokenizer)
     sampler, loader = build_loader(dataset, args)
@@ -492,7 +399,7 @@ def run(args, argv, device, run_lock):
     stop = utils.StopSignals(device)            # SIGTERM / SIGUSR1: finish the step, checkpoint, exit
 
     def save_latest():
-        save_checkpoint(ckpt_path, args, model, optimizer, scaler, state, best_top1, args.keep_checkpoints)
+        checkpoints.save(ckpt_path, state, best, args.keep_checkpoints)
 
     def on_step(terms):
         if args.save_freq_steps and state.step % args.save_freq_steps == 0:
@@ -508,9 +415,11 @@ def run(args, argv, device, run_lock):
                              f"loss or gradient (--max-bad-steps {args.max_bad_steps}); the last good "
                              f"state is saved in {ckpt_path}; lower --lr or check the data, then rerun")
         if state.step % args.print_freq == 0:
-            utils.append_json(os.path.join(args.output_dir, 'log_steps.txt'),
-                              {'step': state.step, 'epoch': state.epoch,
-                               **{k: float(v.detach()) for k, v in terms.items()}})
+            record = {'step': state.step, 'epoch': state.epoch,
+                      **{k: float(v.detach()) for k, v in terms.items()}, **features.step_log(feats)}
+            utils.append_json(os.path.join(args.output_dir, 'log_steps.txt'), record)
+            if wandb_run is not None:
+                wandb_run.log(record, step=state.step)
         if args.exit_after_steps and state.step - steps_at_start >= args.exit_after_steps:
             save_latest()
             print(f"stopping after {args.exit_after_steps} steps as asked (--exit-after-steps); "
@@ -538,15 +447,15 @@ def run(args, argv, device, run_lock):
             log = {'epoch': state.epoch, 'step': state.step, 'train_time_s': time.time() - t_train,
                    **{f'train_{k}': v for k, v in stats.items()}}
             if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
-                results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
-                                            device, args.image_size, data_root=args.eval_data_root)
-                log.update({f'{n}_{k}': v for n, r in results.items() for k, v in r.items()})
-                top1 = results[args.zeroshot_datasets[0]]['top1']
-                print(f"epoch {state.epoch}: zero-shot top-1 {top1:.1f}% ({args.zeroshot_datasets[0]})")
-                if best_top1 is None or top1 > best_top1:
-                    best_top1 = top1
-                    save_checkpoint(os.path.join(args.output_dir, 'checkpoint_best.pt'), args, model,
-                                    optimizer, scaler, state, best_top1)
+                results = validate(model, feats, args, tokenizer, device)
+                log.update(validation_log(results))
+                now = best_of(results, args.zeroshot_datasets[0])
+                print(f"epoch {state.epoch}: zero-shot top-1 " + ', '.join(
+                    f"{r[args.zeroshot_datasets[0]]['top1']:.1f}%" + ('' if w == 'live' else f' ({w} weights)')
+                    for w, r in results.items()) + f" ({args.zeroshot_datasets[0]})")
+                if best is None or now['top1'] > best['top1']:
+                    best = now
+                    checkpoints.save(os.path.join(args.output_dir, 'checkpoint_best.pt'), state, best)
             save_latest()
             utils.append_json(os.path.join(args.output_dir, 'log.txt'), log)
             if wandb_run is not None:
@@ -558,8 +467,7 @@ def run(args, argv, device, run_lock):
     if state.stop:
         return None
     if not results:  # resumed a finished run, or eval-freq skipped the last epoch
-        results = zeroshot.evaluate(engine.unwrap(model), args.zeroshot_datasets, tokenizer,
-                                    device, args.image_size, data_root=args.eval_data_root)
+        results = validate(model, feats, args, tokenizer, device)
     if utils.is_main_process():
         import plots
         plots.training_curves(args.output_dir)
@@ -567,7 +475,42 @@ def run(args, argv, device, run_lock):
         wandb_run.finish()
     print(f"training time {time.time() - t_train:.0f} s; outputs in {args.output_dir}")
     report_zeroshot(results)
-    return results
+    return results['live']
+
+
+def step_hooks(args, feats, state):
+    """The hook run after each taken optimizer step: the method's (e.g. BYOLIP's EMA teacher),
+    then the training features' (e.g. the model EMA), told the index of the step just taken."""
+    method_hook = methods.step_hook(args)
+    if not feats:
+        return method_hook
+
+    def after_step(core):
+        if method_hook is not None:
+            method_hook(core)
+        features.after_step(feats, core, state.step)
+    return after_step
+
+
+def validate(model, feats, args, tokenizer, device):
+    """Zero-shot results of the live weights and of each training feature's extra weights
+    (e.g. the model EMA) -> {'live': {dataset: metrics}, 'ema': ...}."""
+    core = engine.unwrap(model)
+    weights = {'live': core, **features.eval_models(feats, core)}
+    return {w: zeroshot.evaluate(m, args.zeroshot_datasets, tokenizer, device, args.image_size,
+                                 data_root=args.eval_data_root) for w, m in weights.items()}
+
+
+def validation_log(results):
+    """log.txt entries: `<dataset>_<metric>` for the live weights, `<weights>_<dataset>_<metric>` else."""
+    return {('' if w == 'live' else f'{w}_') + f'{n}_{k}': v
+            for w, per_set in results.items() for n, r in per_set.items() for k, v in r.items()}
+
+
+def best_of(results, dataset):
+    """{'top1', 'weights'}: the best top-1 on `dataset` among the weights validated (live first)."""
+    return max(({'top1': r[dataset]['top1'], 'weights': w} for w, r in results.items()),
+               key=lambda b: b['top1'])
 
 
 def init_wandb(args):

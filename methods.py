@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 import losses
+import model_ema
 from heads import BarLIPHead, SiamLIPHead
 from utils import Registry
 
@@ -113,16 +114,9 @@ def _momentum_sets_tau(args):
             raise ValueError(f"--momentum takes an optional EMA rate, got {args.momentum!r}") from None
 
 
-@torch.no_grad()
 def ema_teacher_update(model, params):
     """BYOL's teacher: t <- tau * t + (1 - tau) * s for every parameter; buffers copied."""
-    tau = params.momentum_tau
-    student = dict(model.named_parameters())
-    for name, t in model.teacher.named_parameters():
-        t.mul_(tau).add_(student[name], alpha=1 - tau)
-    student_buffers = dict(model.named_buffers())
-    for name, b in model.teacher.named_buffers():
-        b.copy_(student_buffers[name])
+    model_ema.ema_update_(model.teacher, model, params.momentum_tau, average_buffers=False)
 
 
 def _swalip_checks(args):
