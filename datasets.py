@@ -30,6 +30,7 @@ import augment
 import readers
 import shapes
 import streaming
+import tfrecord
 import utils
 from decode import DecodeOptions, draft_policy
 from metadata import DataError
@@ -223,23 +224,39 @@ def _folder(args, tokenizer):
     return readers.folder_reader(args.root, b, _opts(args, b), args.seed)
 
 
-def _stream(name, layout, shards, num_samples, args, tokenizer, rename=None):
+def _stream(name, layout, shards, num_samples, args, tokenizer, shard_reader=streaming.tar_samples):
     b = _builder(args, tokenizer)
     if num_samples < utils.get_world_size() * args.batch_size:
         raise DataError(f"{name}: an epoch of {num_samples} samples holds no full batch of "
                         f"{args.batch_size} x {utils.get_world_size()} process(es)")
     return streaming.StreamReader(
         name, layout, shards, num_samples, args.batch_size, b, _opts(args, b), args.seed,
-        utils.get_rank(), utils.get_world_size(), args.wds_resampled, args.wds_shuffle_buffer, rename)
+        utils.get_rank(), utils.get_world_size(), args.wds_resampled, args.wds_shuffle_buffer, shard_reader)
+
+
+def _counted_shards(name, layout, patterns, args):
+    """img2dataset-style shards and the epoch length: --train-num-samples, else their
+    *_stats.json / sizes.json."""
+    shards = streaming.local_shards(name, args.root, layout, patterns)
+    n = args.train_num_samples or streaming.count_samples(shards)
+    if n is None:
+        raise DataError(f"{name}: pass --train-num-samples (samples per epoch): no *_stats.json or "
+                        "sizes.json beside the shards to count them")
+    return shards, n
 
 
 def _wds(args, tokenizer):
-    shards = streaming.local_shards('wds', args.root, streaming.WDS_LAYOUT)
-    n = args.train_num_samples or streaming.count_samples(shards)
-    if n is None:
-        raise DataError("wds: pass --train-num-samples (samples per epoch): no *_stats.json or "
-                        "sizes.json beside the shards to count them")
+    shards, n = _counted_shards('wds', streaming.WDS_LAYOUT, streaming.TAR_PATTERNS, args)
     return _stream('wds', streaming.WDS_LAYOUT, shards, n, args, tokenizer)
+
+
+def _tfrecord(args, tokenizer):
+    shards, n = _counted_shards('tfrecord', streaming.TFRECORD_LAYOUT, streaming.TFRECORD_PATTERNS, args)
+    remote = [s for s in shards if not os.path.isfile(s)]
+    if remote:
+        raise DataError(f"tfrecord: reads local files, got {remote[0]!r}: copy the shards or mount "
+                        f"the bucket (e.g. gcsfuse); expected {streaming.TFRECORD_LAYOUT}")
+    return _stream('tfrecord', streaming.TFRECORD_LAYOUT, shards, n, args, tokenizer, tfrecord.shard_samples)
 
 
 def _tarpairs(args, tokenizer):
@@ -247,7 +264,7 @@ def _tarpairs(args, tokenizer):
     shards = streaming.local_shards('tarpairs', '::'.join(archives), streaming.TARPAIRS_LAYOUT)
     return _stream('tarpairs', streaming.TARPAIRS_LAYOUT, shards,
                    min(total, args.train_num_samples or total), args, tokenizer,
-                   rename=streaming.tarpairs_rename)
+                   shard_reader=streaming.tarpairs_samples)
 
 
 def _shapes_flags(group):
@@ -262,9 +279,10 @@ def _csv_flags(group):
 
 def _stream_flags(group):
     group.add_argument('--wds-shuffle-buffer', type=int, default=1000,
-                       help='wds/tarpairs: samples in the shuffle buffer of each loader stream (1000; 0 = off)')
+                       help='wds/tarpairs/tfrecord: samples in the shuffle buffer of each loader stream '
+                            '(1000; 0 = off)')
     group.add_argument('--wds-resampled', action='store_true',
-                       help='wds/tarpairs: draw shards with replacement (epochs are --train-num-samples long)')
+                       help='wds/tarpairs/tfrecord: draw shards with replacement (epochs are --train-num-samples long)')
 
 
 def _merged_metadata(args):
@@ -301,6 +319,9 @@ register_dataset(DatasetSpec(
 register_dataset(DatasetSpec(
     'tarpairs', _tarpairs, "RangeAugment .tar.gz archives of ID_image / ID_text + cvnets' start id -> archive dict",
     streaming.TARPAIRS_LAYOUT, needs_root=True, needs_metadata=True, add_args=_stream_flags))
+register_dataset(DatasetSpec(
+    'tfrecord', _tfrecord, 'TFRecord shards of tf.train.Example (jpg, txt) as img2dataset writes them; gzip too',
+    streaming.TFRECORD_LAYOUT, needs_root=True, add_args=_stream_flags))
 register_dataset(DatasetSpec(
     'csv', _csv, 'OpenCLIP CSV/TSV: image-path and caption columns (--root optional)',
     readers.csv_layout('\t', 'filepath', 'title'), needs_metadata=True, add_args=_csv_flags))  # the flag defaults

@@ -130,6 +130,8 @@ def _train_source(source):
         return dict(source, kwargs=dict(kwargs, split='train'))
     if kind in ('filelist', 'wds') and source.get('split', 'test') in ('test', 'val'):
         return dict(source, split='train')
+    if kind == 'tfds' and source.get('split', 'validation') in ('validation', 'test'):
+        return dict(source, split='train')
     path = source.get('path', '').rstrip('/')
     if kind == 'imagefolder' and os.path.basename(path) in ('val', 'test'):
         return dict(source, path=os.path.join(os.path.dirname(path), 'train'))

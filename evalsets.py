@@ -13,10 +13,14 @@ for retrieval.
 | `torchvision` | what `torchvision.datasets.<class>(root=path, download=False, **kwargs)` reads |
 | `filelist` | `<split>_images.npy` + `<split>_labels.npy` (upstream SLIP), or `<split>.txt` lines `image label`; string labels are looked up in `label_names` |
 | `wds` | CLIP_benchmark's export: `<split>/nshards.txt`, `<split>/0.tar`…, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt` |
+| `tfds` | TensorFlow Datasets' layout: `dataset_info.json`, `<name>-<split>.tfrecord-NNNNN-of-MMMMM` (Examples with an encoded `image` and an int64 `label`), `label.labels.txt`; `path` is the version folder or the dataset folder above it (newest version) |
 | `retrieval` | `images` folder + `annotation`: COCO captions JSON, Karpathy JSON (`split`), a JSON list of {image, captions}, or CLIP_benchmark's Flickr `image,caption` text |
 """
+import glob
+import io
 import json
 import os
+import re
 from collections import OrderedDict, defaultdict
 from functools import partial
 
@@ -26,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 import augment
+import tfrecord
 
 IMAGE_KEYS = 'webp;png;jpg;jpeg'
 
@@ -55,6 +60,8 @@ def present(source, path):
         split = source.get('split', 'test')
         return any(os.path.isfile(os.path.join(path, f)) for f in
                    (f'{split}_images.npy', f'{split}.txt'))
+    if kind == 'tfds':
+        return bool(tfds_shards(path, source.get('split', 'validation'))[1])
     if kind == 'retrieval':
         return (os.path.isfile(os.path.join(path, source['annotation']))
                 and os.path.isdir(os.path.join(path, source.get('images', '.'))))
@@ -219,6 +226,65 @@ def wds_reader(path, split, transform):
     return ds, read('classnames.txt'), templates and [t.replace('{c}', '{}') for t in templates], kind
 
 
+def tfds_shards(path, split):
+    """(folder holding dataset_info.json, its `split` shards in order) for `path` = that folder
+    or the dataset folder above its version folders (TFDS writes <name>/<version>/: the newest
+    is taken); (None, []) when there is none."""
+    folder = path
+    if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+        versions = [d for d in (os.listdir(path) if os.path.isdir(path) else [])
+                    if re.fullmatch(r'\d+(\.\d+)*', d) and os.path.isfile(os.path.join(path, d, 'dataset_info.json'))]
+        if not versions:
+            return None, []
+        folder = os.path.join(path, max(versions, key=lambda v: tuple(map(int, v.split('.')))))
+    try:
+        with open(os.path.join(folder, 'dataset_info.json')) as f:
+            name = json.load(f).get('name')
+    except (ValueError, AttributeError):          # unreadable: any <name>-<split> shards will do
+        name = None
+    pattern = f"{glob.escape(name) if name else '*'}-{split}.tfrecord-*-of-*"
+    return folder, sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+
+
+class TFDSSplit(Dataset):
+    """One split of a TFDS classification set: records located once from their headers,
+    each read, CRC-checked and parsed on access (tfrecord.py); {'image', 'label'}."""
+
+    def __init__(self, path, split, transform):
+        self.folder, shards = tfds_shards(path, split)
+        self.transform, self.index, self._open = transform, [], (None, None)
+        for shard in shards:
+            with tfrecord.open_shard(shard) as f:
+                self.index += [(shard, n, offset) for n, offset in enumerate(tfrecord.record_offsets(f, shard))]
+        names = os.path.join(self.folder, 'label.labels.txt')
+        self.classnames = None
+        if os.path.isfile(names):
+            with open(names) as f:
+                self.classnames = [line.strip() for line in f if line.strip()]
+
+    def __len__(self):
+        return len(self.index)
+
+    def _file(self, shard):
+        """The shard's open file, kept while consecutive items come from it."""
+        if self._open[0] != shard:
+            if self._open[1] is not None:
+                self._open[1].close()
+            self._open = (shard, tfrecord.open_shard(shard))
+        return self._open[1]
+
+    def __getitem__(self, i):
+        shard, n, offset = self.index[i]
+        f = self._file(shard)
+        f.seek(offset)
+        data, intact = next(tfrecord.records(f, shard))
+        if not intact:
+            raise tfrecord.ShardError(f"{shard}: record #{n}: data CRC mismatch")
+        features = tfrecord.parse_example(data)
+        image = Image.open(io.BytesIO(features['image'][0])).convert('RGB')
+        return {'image': self.transform(image), 'label': int(features['label'][0])}
+
+
 class RGBTransform:
     """The evaluation transform (augment.eval_transform) on RGB images (MNIST is greyscale)."""
 
@@ -251,12 +317,18 @@ def build(name, source, image_size, task, classnames=None, templates=None):
     elif kind == 'wds':
         dataset, wds_names, wds_templates, _ = wds_reader(path, source.get('split', 'test'), transform)
         classnames, templates = wds_names or classnames, wds_templates or templates
+    elif kind == 'tfds':
+        dataset = TFDSSplit(path, source.get('split', 'validation'), transform)
+        if classnames and dataset.classnames and len(classnames) != len(dataset.classnames):
+            raise ValueError(f"{name}: labels.json has {len(classnames)} class names, "
+                             f"{dataset.folder}/label.labels.txt {len(dataset.classnames)}")
+        classnames = classnames or dataset.classnames          # labels.json first: TFDS's may be ids
     elif kind == 'retrieval':
         dataset = Captions(path, source.get('images', '.'), source['annotation'], transform,
                            source.get('split', 'test'))
     else:
         raise ValueError(f"{name}: unknown catalog type {kind!r}; valid: shapes, imagefolder, "
-                         f"torchvision, filelist, wds, retrieval")
+                         f"torchvision, filelist, wds, tfds, retrieval")
     if task == 'zeroshot_classification' and not (classnames and templates):
         raise ValueError(f"{name}: no class names / templates (labels.json, templates.json)")
     return dataset, classnames, templates

@@ -1,7 +1,9 @@
-"""Streaming readers over tar archives: `wds` (WebDataset shards as img2dataset writes them:
-KEY.jpg/.png/.webp + KEY.txt [+ KEY.json]) and `tarpairs` (RangeAugment's .tar.gz archives of
+"""Streaming readers over shards: `wds` (WebDataset tar shards as img2dataset writes them:
+KEY.jpg/.png/.webp + KEY.txt [+ KEY.json]), `tarpairs` (RangeAugment's .tar.gz archives of
 ID_image / ID_text members, listed by a metadata dict: cvnets' {0: '00000000_0_1000.tar.gz', ...,
--1: total pairs} or its README's {'0-1000': '00000000_0_1000.tar.gz'}).
+-1: total pairs} or its README's {'0-1000': '00000000_0_1000.tar.gz'}) and `tfrecord`
+(img2dataset's tf.train.Example shards, read by tfrecord.py). A format is its shard reader:
+(source dicts, error handler) -> raw samples {'__key__', '__url__', member/feature: bytes}.
 
 Order and resume (shard-exact): each epoch the shard list is permuted by (seed, epoch) and
 split across ranks and then across the DataLoader workers (or, with fewer shards than
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import zlib
+from functools import partial
 
 import numpy as np
 import webdataset as wds
@@ -41,17 +44,28 @@ TARPAIRS_LAYOUT = ("--root DIR holding the .tar.gz archives (members ID_image, I
                    "..., -1: TOTAL_PAIRS} (start id -> archive, ascending from 0; a pickle needs "
                    "--allow-pickle, in JSON the keys are strings), or {'0-1000': '00000000_0_1000.tar.gz', ...} "
                    "(id range -> archive)")
+TFRECORD_LAYOUT = ("--root 'shards/{00000..01023}.tfrecord' (brace pattern, '::'-separated lists, or a "
+                   "folder of .tfrecord / .tfrecord.gz) of tf.train.Example records with features jpg "
+                   "(image bytes) and txt (caption), as img2dataset --output_format tfrecord writes them")
+TAR_PATTERNS = ('*.tar',)
+TFRECORD_PATTERNS = ('*.tfrecord', '*.tfrecord.gz')
+
+
+def tar_samples(sources, handler, rename=None):
+    """The raw samples of tar shards (webdataset groups members by KEY; `rename` maps member
+    names first)."""
+    return wds.tarfile_to_samples(handler=handler, rename_files=rename)(sources)
 
 
 class StreamReader(IterableDataset):
     """Yields whole collated batches (use DataLoader(batch_size=None)); see the module doc."""
 
     def __init__(self, name, layout, shards, num_samples, batch_size, builder, opts, seed=0,
-                 rank=0, world=1, resampled=False, shuffle_buffer=1000, rename=None):
+                 rank=0, world=1, resampled=False, shuffle_buffer=1000, shard_reader=tar_samples):
         self.name, self.layout, self.shards = name, layout, list(shards)
         self.batch_size, self.builder, self.opts, self.seed = batch_size, builder, opts, seed
         self.rank, self.world, self.resampled = rank, world, resampled
-        self.shuffle_buffer, self.rename = shuffle_buffer, rename
+        self.shuffle_buffer, self.shard_reader = shuffle_buffer, shard_reader
         self.num_batches = num_samples // (world * batch_size)
         self.shared = mp.RawArray('q', 2)          # (epoch, start) seen by persistent workers
         self._pending, self._printed = [], 0
@@ -99,8 +113,7 @@ class StreamReader(IterableDataset):
             else:
                 order = random.Random(mix_seed(self.seed, epoch, rnd)).sample(self.shards, len(self.shards))
                 urls = order[me::streams] if by_shard else order
-            samples = wds.tarfile_to_samples(handler=self._bad_shard, rename_files=self.rename)(
-                self._sources(urls, by_shard, streams, me))
+            samples = self.shard_reader(self._sources(urls, by_shard, streams, me), self._bad_shard)
             if not by_shard:                         # fewer shards than streams: split samples
                 samples = (x for n, x in enumerate(samples) if n % streams == me)
             if self.shuffle_buffer > 1:
@@ -150,6 +163,8 @@ class StreamReader(IterableDataset):
 
     def _decode(self, raw_sample):
         where = f"{raw_sample.get('__url__', '?')}:{raw_sample['__key__']}"
+        if '__bad__' in raw_sample:                  # the shard reader could not parse it
+            raise Skip('bad_record', where, raw_sample['__bad__'])
         text_ext = next((e for e in TEXT_EXTS if e in raw_sample), None)
         if text_ext is None:
             raise Skip('caption_missing', where, 'no .txt member')
@@ -170,9 +185,9 @@ class StreamReader(IterableDataset):
             yield dict(url=url)
 
     def _bad_shard(self, exn):
-        """webdataset error handler: a truncated / corrupt tar is counted once per read and
-        skipped. (One truncated member reaches it twice: from the member read, then from
-        the tar expander that the same broken stream fails again.)"""
+        """The shard reader's error handler: a truncated / corrupt shard is counted once per
+        read and skipped. (One truncated tar member reaches it twice: from the member read,
+        then from the tar expander that the same broken stream fails again.)"""
         if self._reading == self._counted:
             return True
         self._counted = self._reading
@@ -191,8 +206,8 @@ class StreamReader(IterableDataset):
     def probe(self):
         """Decode the first PROBE samples (from the first shards); stop when most fail."""
         errors = []
-        src = wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True, rename_files=self.rename)(
-            iter([dict(url=u) for u in self.shards[:4]]))
+        src = self.shard_reader(iter([dict(url=u) for u in self.shards[:4]]),
+                                lambda e: errors.append(e) or True)
         failures, n = [], 0
         for raw_sample in src:
             n += 1
@@ -213,16 +228,17 @@ class StreamReader(IterableDataset):
 
 # ----------------------------------------------------------------------------- shard lists
 
-def expand_shards(spec):
-    """'a/{000..009}.tar::b/x.tar' or a folder of .tar files -> list of shard paths."""
+def expand_shards(spec, patterns=TAR_PATTERNS):
+    """'a/{000..009}.tar::b/x.tar' or a folder of shards (file names matching `patterns`)
+    -> list of shard paths."""
     if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, '*.tar')))
+        return sorted(p for pattern in patterns for p in glob.glob(os.path.join(spec, pattern)))
     return list(wds.shardlists.expand_urls(spec))
 
 
-def local_shards(name, spec, layout):
+def local_shards(name, spec, layout, patterns=TAR_PATTERNS):
     """Expanded shards; the missing ones dropped with a warning, none existing = error."""
-    shards = expand_shards(spec) if spec else []
+    shards = expand_shards(spec, patterns) if spec else []
     if not shards:
         raise DataError(f"{name}: no shards in --root {spec!r}; expected {layout}")
     remote = [s for s in shards if re.match(r'^[a-z]+:', s)]
@@ -238,11 +254,13 @@ def local_shards(name, spec, layout):
 
 def count_samples(shards):
     """Samples in the shards from img2dataset's *_stats.json or OpenCLIP's sizes.json; None
-    when some shard has neither."""
+    when some shard has neither. (00000.tar, 00000.tfrecord and 00000.tfrecord.gz all have
+    00000_stats.json.)"""
     total, sizes_cache = 0, {}
     for shard in shards:
         folder, base = os.path.split(shard)
-        stats = os.path.join(folder, os.path.splitext(base)[0] + '_stats.json')
+        stem = os.path.splitext(base[:-len('.gz')] if base.endswith('.gz') else base)[0]
+        stats = os.path.join(folder, stem + '_stats.json')
         if os.path.isfile(stats):
             with open(stats) as f:
                 total += int(json.load(f).get('successes', 0))
@@ -333,3 +351,6 @@ def tarpairs_rename(name):
     """ID_image / ID_text -> ID.image / ID.text, so webdataset groups them by ID."""
     base, sep, kind = name.rpartition('_')
     return f'{base}.{kind}' if sep and kind in ('image', 'text') else name
+
+
+tarpairs_samples = partial(tar_samples, rename=tarpairs_rename)

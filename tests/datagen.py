@@ -1,10 +1,14 @@
 """Tiny image-caption datasets in the real on-disk layouts, for the data tests: zip trees
 (yfcc15m), .npy / .pkl / .jsonl metadata (cc3m, cc12m), tar shards (wds), .tar.gz + metadata
-dict (tarpairs), CSV/TSV, COCO JSON, folder pairs -- with bad samples of every kind mixed in.
+dict (tarpairs), TFRecord shards (tfrecord: an encoder of the record framing and of
+tf.train.Example of its own), CSV/TSV, COCO JSON, folder pairs -- with bad samples of every
+kind mixed in.
 
 A dataset is a list of specs (image kind, caption kind); each writer returns the main.py
 flags that read it, and `expected_counts` the exact events the run must log.
 """
+import gzip
+import hashlib
 import io
 import json
 import os
@@ -308,6 +312,134 @@ def write_wds(root, sample_specs, shards=4, stats=False):
     return ['--dataset', 'wds', '--root', os.path.join(root, '{00000..%05d}.tar' % (shards - 1))]
 
 
+# ----------------------------------------------------------------------------- TFRecord encoder
+
+def _crc32c_table():
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1
+        table.append(n)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data):
+    """One TFRecord: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+    length = struct.pack('<Q', len(data))
+    return length + struct.pack('<I', masked_crc32c(length)) + data + struct.pack('<I', masked_crc32c(data))
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number, payload):
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _repeated(encoded, wire_type, packed):
+    """Field 1 (`value`) of a numeric list: one packed length-delimited field, or one field
+    of `wire_type` (0 varint, 5 fixed32) per value."""
+    if packed:
+        return _field(1, b''.join(encoded))
+    return b''.join(_varint(1 << 3 | wire_type) + e for e in encoded)
+
+
+def example_bytes(features, packed=True):
+    """{name: bytes | str | int | float | list of one kind} -> a serialized tf.train.Example
+    (Feature: 1 bytes_list, 2 float_list, 3 int64_list; each list's field 1 `value`). Ints
+    and floats are packed, as TensorFlow writes them, or one field each with packed=False."""
+    entries = b''
+    for name, value in features.items():
+        values = value if isinstance(value, list) else [value]
+        if all(isinstance(v, (bytes, str)) for v in values):
+            feature = _field(1, b''.join(_field(1, v.encode() if isinstance(v, str) else v) for v in values))
+        elif all(isinstance(v, int) for v in values):
+            ints = [_varint(v & 0xFFFFFFFFFFFFFFFF) for v in values]       # two's complement, as int64
+            feature = _field(3, _repeated(ints, 0, packed))
+        else:
+            feature = _field(2, _repeated([struct.pack('<f', v) for v in values], 5, packed))
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))   # map entry (key, value)
+    return _field(1, entries)                                                 # Example.features
+
+
+def write_records(path, payloads, compress=False):
+    """A TFRecord file of these serialized records (gzip-compressed with `compress`)."""
+    data = b''.join(frame_record(p) for p in payloads)
+    with (gzip.open if compress else open)(path, 'wb') as f:
+        f.write(data)
+
+
+def record_spans(path):
+    """[(offset of the record, offset of its data, data length)] of an uncompressed TFRecord
+    file (to damage one record in tests)."""
+    with open(path, 'rb') as f:
+        blob = f.read()
+    spans, at = [], 0
+    while at < len(blob):
+        length = struct.unpack('<Q', blob[at:at + 8])[0]
+        spans.append((at, at + 12, length))
+        at += 16 + length
+    return spans
+
+
+def img2dataset_example(key, image, text, url=''):
+    """The features img2dataset's TFRecordSampleWriter writes: key, jpg, txt and the metadata
+    columns (url, caption, key, status, error_message, width, height, original_width,
+    original_height, exif, sha256); a None image / caption leaves out jpg / txt (img2dataset
+    writes only successes: the other layouts' bad kinds, expressed here)."""
+    features = {'key': key}
+    if image is not None:
+        features['jpg'] = image
+    if text is not None:
+        features['txt'] = text
+    features.update({'url': url or f'https://example.com/{key}.jpg', 'caption': text or b'',
+                     'status': 'success', 'error_message': '', 'width': 64, 'height': 48,
+                     'original_width': 640, 'original_height': 480, 'exif': '{}',
+                     'sha256': hashlib.sha256(image or b'').hexdigest()})
+    return example_bytes(features)
+
+
+def write_tfrecord(root, sample_specs, shards=4, stats=False, compressed=(), pattern=False):
+    """img2dataset --output_format tfrecord: root/00000.tfrecord ... (shard numbers in
+    `compressed`: gzip-compressed, 0000k.tfrecord.gz), with 0000k_stats.json when `stats`.
+    --root is the folder (or, with `pattern`, the brace pattern of uncompressed shards)."""
+    os.makedirs(root, exist_ok=True)
+    per = -(-len(sample_specs) // shards)
+    for s in range(shards):
+        part = list(enumerate(sample_specs))[s * per:(s + 1) * per]
+        payloads = [img2dataset_example(f'{s:05d}{i:04d}', image_bytes(kind, i), caption_bytes(cap, i))
+                    for i, (kind, cap) in part]
+        gz = s in compressed
+        write_records(os.path.join(root, f'{s:05d}.tfrecord' + '.gz' * gz), payloads, compress=gz)
+        if stats:
+            with open(os.path.join(root, f'{s:05d}_stats.json'), 'w') as f:
+                json.dump({'count': len(part), 'successes': len(part), 'failed_to_download': 0}, f)
+    spec = os.path.join(root, '{00000..%05d}.tfrecord' % (shards - 1)) if pattern else root
+    return ['--dataset', 'tfrecord', '--root', spec]
+
+
 def write_tarpairs(root, sample_specs, per_archive=50, form='ranges', meta_name=None):
     """RangeAugment: root/00000000_<a>_<b>.tar.gz with members 00000000_<id>_image / _text,
     and the metadata dict of `form`: 'ranges' = its README's {'a-b': archive} as metadata.json;
@@ -374,6 +506,7 @@ WRITERS = {
     'merged': write_merged,
     'wds': lambda r, s: write_wds(r, s, stats=True),           # img2dataset's *_stats.json give the epoch
     'tarpairs': lambda r, s: write_tarpairs(r, s, per_archive=5),
+    'tfrecord': lambda r, s: write_tfrecord(r, s, stats=True, compressed=(1,)),    # one gzip shard
     'csv': write_csv,
     'coco': write_coco,
     'folder': write_folder,

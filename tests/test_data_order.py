@@ -39,7 +39,7 @@ def _mixed_specs():
     return [bad.get(i, s) for i, s in enumerate(specs)]
 
 
-@pytest.mark.parametrize('fmt', ['csv', 'wds'])
+@pytest.mark.parametrize('fmt', ['csv', 'wds', 'tfrecord'])
 def test_resumed_epoch_replays_the_uninterrupted_order(tmp_path, tokenizer, fmt):
     flags = datagen.WRITERS[fmt](str(tmp_path / 'data'), _mixed_specs())
     flags += ['-j', '2', '--train-num-samples', '40']                # persistent workers
@@ -66,7 +66,7 @@ def _weights(out):
     return torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)['model']
 
 
-@pytest.mark.parametrize('fmt', ['csv', 'wds'])
+@pytest.mark.parametrize('fmt', ['csv', 'wds', 'tfrecord'])
 def test_interrupted_training_resumes_bit_identically(tmp_path, fmt):
     flags = datagen.WRITERS[fmt](str(tmp_path / 'data'), _mixed_specs())
     argv = [*TINY, *flags, '--epochs', '2', '--train-num-samples', '24', '-j', '2',

@@ -15,7 +15,7 @@ from zs_helpers import (EXPECTED, NUM_CLASSES, RETRIEVAL, SAMPLES, CodedModel, m
                         write_catalog)
 
 CATALOG, LABELS, TEMPLATES = zeroshot.load_catalog()
-TYPES = {'shapes', 'imagefolder', 'torchvision', 'filelist', 'wds', 'retrieval'}
+TYPES = {'shapes', 'imagefolder', 'torchvision', 'filelist', 'wds', 'tfds', 'retrieval'}
 PAPER_SETS = ['imagenet', 'food101', 'cifar10', 'cifar100', 'cub200', 'sun397', 'cars', 'aircraft',
               'dtd', 'pets', 'caltech101', 'flowers', 'mnist', 'fer2013', 'stl10', 'eurosat',
               'resisc45', 'gtsrb', 'kitti_distance', 'country211', 'patch_camelyon', 'ucf101_frames',

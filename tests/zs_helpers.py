@@ -140,6 +140,41 @@ def make_wds(root, samples=SAMPLES, num_classes=NUM_CLASSES, per_shard=4, retrie
     return root
 
 
+def make_tfds(root, samples=SAMPLES, num_classes=NUM_CLASSES, name='toyset', version='1.0.0',
+              split='validation', shards=2, label_names=True):
+    """TensorFlow Datasets' on-disk layout: root/<name>/<version>/dataset_info.json,
+    <name>-<split>.tfrecord-0000k-of-0000N (Examples: `image` PNG bytes, int64 `label`,
+    `file_name`), label.labels.txt; written with tests/datagen.py's own TFRecord encoder."""
+    from datagen import example_bytes, write_records
+    folder = root / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(samples) // shards)
+    lengths = []
+    for k in range(shards):
+        payloads = []
+        for i, (y, p, q) in list(enumerate(samples))[k * per:(k + 1) * per]:
+            buf = io.BytesIO()
+            coded_image(p, q).save(buf, format='png')
+            payloads.append(example_bytes({'image': buf.getvalue(), 'label': y, 'file_name': f'{i}.png'}))
+        write_records(folder / f'{name}-{split}.tfrecord-{k:05d}-of-{shards:05d}', payloads)
+        lengths.append(str(len(payloads)))
+    features = {'image': {'pythonClassName': 'tensorflow_datasets.core.features.image_feature.Image',
+                          'image': {'shape': {'dimensions': ['-1', '-1', '3']}, 'dtype': 'uint8',
+                                    'encodingFormat': 'png'}},
+                'label': {'pythonClassName': 'tensorflow_datasets.core.features.class_label_feature.ClassLabel',
+                          'classLabel': {'numClasses': str(num_classes)}},
+                'file_name': {'pythonClassName': 'tensorflow_datasets.core.features.text_feature.Text', 'text': {}}}
+    info = {'name': name, 'version': version, 'fileFormat': 'tfrecord', 'moduleName': f'{name}.{name}',
+            'splits': [{'name': split, 'numBytes': '0', 'shardLengths': lengths,
+                        'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'}],
+            'features': {'pythonClassName': 'tensorflow_datasets.core.features.features_dict.FeaturesDict',
+                         'featuresDict': {'features': features}}}
+    (folder / 'dataset_info.json').write_text(json.dumps(info, indent=2))
+    if label_names:
+        (folder / 'label.labels.txt').write_text(''.join(f'cls{i}\n' for i in range(num_classes)))
+    return folder
+
+
 def make_mnist(root, samples=SAMPLES):
     """torchvision MNIST raw files (idx format): test images coded p (greyscale: q = p)."""
     raw = root / 'MNIST' / 'raw'
