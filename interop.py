@@ -1,10 +1,12 @@
-"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket and SLIP weights into our models, and
-our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
+"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket and SLIP weights (and cvnets' CLIP text
+towers) into our models, and our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
 
     python interop.py import --from openai --checkpoint ViT-B-32.pt --model CLIP_VITB32_CLIP --out ours.pt
     python interop.py import --from openclip --checkpoint open_clip_pytorch_model.bin \
         --openclip-model ViT-B-32 --model CLIP_VITB32_CLIP --out ours.pt
     python interop.py import --from cliprocket --checkpoint checkpoint_best.pt --out ours.pt
+    python interop.py import --from cvnets --checkpoint clip_vit_base_16.pt --model CLIP_VITB16_CLIP \
+        --text-only --cvnets-config clip_vit_base.yaml --out ours.pt
     python interop.py export --checkpoint output/checkpoint_best.pt --out exported/
     python -c "import open_clip; open_clip.create_model('local-dir:exported')"
 
@@ -23,6 +25,7 @@ import torch
 import checkpoint
 import models
 import utils
+from interop_cvnets import flags_for_cvnets, load_cvnets, read_recipe
 from interop_openclip import (flags_for_openclip, load_openclip, openai_config, openclip_config,
                               openclip_export_name, to_openclip, write_openclip)
 from interop_torchscript import is_torchscript, read_torchscript
@@ -67,6 +70,8 @@ def read_checkpoint(path):
         meta['args'] = vars(args) if isinstance(args, argparse.Namespace) else args
         meta['momentum'] = obj.get('momentum_state_dict')
         obj = obj['state_dict']
+    elif isinstance(obj, dict) and isinstance(obj.get('model_state_dict'), dict):   # cvnets' training checkpoint.pt
+        obj = obj['model_state_dict']
     elif isinstance(obj, dict) and 'model_name' in obj and isinstance(obj.get('model'), dict):
         raise ValueError(f"{path} is one of our checkpoints already (model {obj['model_name']})")
     if not isinstance(obj, dict) or not obj:
@@ -102,10 +107,19 @@ def load_ours(path, use_ema=False):
     return checkpoint.load_model(ckpt), ckpt
 
 
-def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False):
-    """-> (model, name, flags, notes) for a checkpoint of `source` (openai, openclip, cliprocket, slip)."""
+def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False, cvnets_config=None):
+    """-> (model, name, flags, notes) for a checkpoint of `source` (openai, openclip, cliprocket, slip, cvnets)."""
+    if cvnets_config and source != 'cvnets':
+        raise ValueError(f"--cvnets-config goes with --from cvnets, not --from {source}")
     state, meta = read_checkpoint(path)
-    if source in ('openai', 'openclip'):
+    if source == 'cvnets':
+        if name is None:
+            raise ValueError("--from cvnets needs --model (e.g. CLIP_VITB16_CLIP)")
+        recipe = read_recipe(cvnets_config) if cvnets_config else None
+        flags, notes = flags_for_cvnets(name, state, text_only, recipe)
+        model = models.create_model(name, **_create_kwargs(flags))
+        notes += load_cvnets(model, state)
+    elif source in ('openai', 'openclip'):
         if source == 'openai':
             cfg = openai_config(state)
         else:
@@ -141,14 +155,20 @@ def get_args_parser():
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     imp = sub.add_parser('import', help='a foreign checkpoint -> one of ours')
-    imp.add_argument('--from', dest='source', required=True, choices=['openai', 'openclip', 'cliprocket', 'slip'],
+    imp.add_argument('--from', dest='source', required=True,
+                     choices=['openai', 'openclip', 'cliprocket', 'slip', 'cvnets'],
                      help='openai: TorchScript archive or state dict; openclip: state dict or an exported '
-                          'directory; cliprocket / slip: their checkpoint_best.pt')
+                          'directory; cliprocket / slip: their checkpoint_best.pt; cvnets: its CLIP '
+                          'weights (text tower only: --text-only)')
     imp.add_argument('--checkpoint', required=True, help='the file (or OpenCLIP directory) to import')
     imp.add_argument('--model', default=None,
-                     help='our model name (needed for openai/openclip; default for cliprocket/slip: from its args)')
+                     help='our model name (needed for openai/openclip/cvnets; default for cliprocket/slip: '
+                          'from its args)')
     imp.add_argument('--openclip-model', default=None,
                      help='OpenCLIP model name (e.g. ViT-B-32-quickgelu) or config JSON of --from openclip')
+    imp.add_argument('--cvnets-config', default=None,
+                     help='the cvnets recipe YAML of --from cvnets (text heads, causal masking, activation); '
+                          'default: the published CLIP recipes\' values')
     imp.add_argument('--text-only', action='store_true',
                      help='load the text tower, text projection and logit scale only (any image tower)')
     imp.add_argument('--out', required=True,
@@ -180,7 +200,7 @@ def main(argv=None):
         check_paths(args)
         if args.command == 'import':
             model, name, flags, notes = import_checkpoint(args.source, args.checkpoint, args.model,
-                                                          args.openclip_model, args.text_only)
+                                                          args.openclip_model, args.text_only, args.cvnets_config)
             source = {'from': args.source, 'checkpoint': os.path.abspath(args.checkpoint)}
             save_ours(args.out, model, name, flags, source)
             print(f"wrote {args.out}: {name} with {flags}")

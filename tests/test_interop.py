@@ -1,6 +1,7 @@
 """Checkpoint interop (interop.py): OpenCLIP/OpenAI weights load into our models with the same
 encode_image / encode_text outputs, ours export to OpenCLIP (open_clip.create_model loads them),
-clip-rocket / SLIP checkpoints round-trip exactly, and mismatches fail saying why."""
+clip-rocket / SLIP checkpoints round-trip exactly, cvnets' CLIP text towers load exactly (its
+ViTs are refused), and mismatches fail saying why."""
 import argparse
 import json
 import os
@@ -10,10 +11,12 @@ from collections import OrderedDict
 
 import open_clip
 import pytest
+import timm
 import torch
 import torch.nn as nn
 
 import checkpoint
+import cvnets_ref
 import interop
 import interop_openclip
 import interop_upstream
@@ -271,6 +274,70 @@ def test_slip_round_trip_and_names(tmp_path):
     assert interop_upstream._our_name('CLIP_VITS16', {}, 'slip') == 'CLIP_VITS16MOCO_CLIP'    # SLIP's ViT-S: 12 heads
     with pytest.raises(ValueError, match='text tower'):
         interop_upstream._our_name('SIMCLR_VITB16', {}, 'slip')
+
+
+# ----------------------------------------------------------------------------- cvnets
+
+# The text part of the published RangeAugment CLIP recipes (examples/range_augment/clip/*.yaml),
+# at the reference's tiny size: 128 wide, 2 heads (= width / 64, as 512/8 and 768/12 there).
+CVNETS_RECIPE = """model:
+  activation: {name: gelu}
+  text:
+    name: transformer
+    transformer: {causal_masking: true, model_dim: 128, n_transformer_layers: 2, n_heads_per_layer: 2,
+                  ffn_multiplier_per_layer: 4.0, norm_layer: layer_norm_fp32}
+"""
+
+
+def _cvnets_checkpoint(tmp_path):
+    """A random cvnets CLIP saved as its training checkpoint.pt (model_state_dict + optimizer state)."""
+    ref = _randomize(cvnets_ref.CLIP(text_width=128, text_heads=2, text_layers=2, proj_dim=32)).eval()
+    with torch.no_grad():                   # peaked attention: a wrong head count or mask shows
+        for block in ref.text_encoder.transformer:
+            block.pre_norm_mha[1].qkv_proj.weight.mul_(8)
+    opt = torch.optim.AdamW(ref.parameters())
+    torch.save({'model_state_dict': ref.state_dict(), 'optim_state_dict': opt.state_dict(), 'iterations': 3,
+                'epoch': 0, 'best_metric': 0.5}, tmp_path / 'checkpoint.pt')
+    (tmp_path / 'clip.yaml').write_text(CVNETS_RECIPE)
+    return ref
+
+
+@pytest.mark.parametrize('with_recipe', [True, False])
+def test_cvnets_text_tower_imports_exactly(tmp_path, tokenizer, with_recipe, capsys):
+    ref = _cvnets_checkpoint(tmp_path)
+    argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'checkpoint.pt'), '--model',
+            'CLIP_TINYVIT_CLIP', '--text-only', '--out', str(tmp_path / 'ours.pt')]
+    interop.main(argv + (['--cvnets-config', str(tmp_path / 'clip.yaml')] if with_recipe else []))
+    assert ('no --cvnets-config' in capsys.readouterr().out) != with_recipe
+    ours, ckpt = interop.load_ours(str(tmp_path / 'ours.pt'))
+    assert ckpt['args']['transformer_heads'] == 2 and ckpt['args']['embed_dim'] == 32
+    text = tokenizer(['a photo of a cat', 'a diagram of a red square', 'x'])
+    with torch.no_grad():
+        assert (ref.text_encoder(text) - ours.encode_text(text)).abs().max() <= TOL
+    assert torch.equal(ours.logit_scale, ref.logit_scale)
+
+
+def test_cvnets_image_encoders_and_other_text_settings_are_refused(tmp_path):
+    _cvnets_checkpoint(tmp_path)
+    argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'checkpoint.pt'), '--model',
+            'CLIP_TINYVIT_CLIP', '--out', str(tmp_path / 'ours.pt')]
+    with pytest.raises(SystemExit) as e:
+        interop.main(argv)
+    assert 'convolutional stem' in str(e.value) and '--text-only' in str(e.value) and '\n' not in str(e.value)
+    # why: cvnets pads its first 4x4/4 stem convolution by 1; timm's ViT with that stem does not
+    with torch.device('meta'):
+        mci = timm.create_model('vit_base_mci_224', pretrained=False)
+    assert mci.patch_embed.backbone[0].conv.padding == (0, 0)
+    assert cvnets_ref.VisionTransformer(64, 2, 1, 32).patch_emb[0].block.conv.padding == (1, 1)
+    for good, bad in {'causal_masking: true': 'causal_masking: false', 'name: gelu': 'name: relu',
+                      'n_heads_per_layer: 2,': 'n_heads_per_layer: [2, 4],'}.items():
+        (tmp_path / 'clip.yaml').write_text(CVNETS_RECIPE.replace(good, bad))
+        with pytest.raises(SystemExit, match='causal_masking=False|relu|per-layer heads'):
+            interop.main(argv + ['--text-only', '--cvnets-config', str(tmp_path / 'clip.yaml')])
+    with pytest.raises(SystemExit, match='--cvnets-config goes with --from cvnets'):
+        interop.main(['import', '--from', 'openai', '--checkpoint', str(tmp_path / 'checkpoint.pt'),
+                      '--model', 'CLIP_TINYVIT_CLIP', '--cvnets-config', 'x.yaml', '--out', str(tmp_path / 'o.pt')])
+    assert not os.path.exists(tmp_path / 'ours.pt')
 
 
 # ----------------------------------------------------------------------------- clear errors
