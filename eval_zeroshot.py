@@ -116,7 +116,8 @@ def result_record(r, ckpt_path, ckpt, sha, image_size, heads):
     """One result as CLIP_benchmark writes it, plus our keys."""
     return {'dataset': r.name, 'model': ckpt['model_name'], 'pretrained': ckpt_path,
             'task': r.task, 'metrics': r.metrics, 'language': 'en', 'resolution': image_size,
-            'num_samples': r.num_samples, 'heads': list(heads), 'checkpoint_sha256': sha,
+            'num_samples': r.num_samples, 'num_unreadable': len(r.unreadable), 'heads': list(heads),
+            'checkpoint_sha256': sha,
             'source': {'type': r.source.get('type'), 'path': r.source.get('path')}}
 
 

@@ -85,7 +85,40 @@ def locate(name, entry, data_root, paths=None):
 
 # ----------------------------------------------------------------------------- readers
 
+# what reading one damaged sample raises: PIL (OSError, SyntaxError, DecompressionBombError),
+# numpy/our parsers (ValueError), a TFRecord whose checksum fails (tfrecord.ShardError)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, tfrecord.ShardError)
+
+
+class SkipUnreadable(Dataset):
+    """A map-style evaluation set whose damaged samples become {'unreadable': reason} (dropped
+    and counted by `collate`) instead of stopping the evaluation."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        try:
+            return self.base[i]
+        except UNREADABLE as e:
+            return {'unreadable': f"sample {i}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def collate(batch):
+    """Samples -> a batch; damaged ones (SkipUnreadable) leave only their reasons, in
+    'unreadable' (a batch of nothing but damaged samples has no 'image')."""
+    unreadable = [b['unreadable'] for b in batch if 'unreadable' in b]
+    batch = [b for b in batch if 'unreadable' not in b]
+    out = _collate(batch) if batch else {}
+    if unreadable:
+        out['unreadable'] = unreadable
+    return out
+
+
+def _collate(batch):
     if 'captions' in batch[0]:
         return {'image': torch.stack([b['image'] for b in batch]),
                 'captions': [b['captions'] for b in batch]}
@@ -331,4 +364,6 @@ def build(name, source, image_size, task, classnames=None, templates=None):
                          f"torchvision, filelist, wds, tfds, retrieval")
     if task == 'zeroshot_classification' and not (classnames and templates):
         raise ValueError(f"{name}: no class names / templates (labels.json, templates.json)")
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset = SkipUnreadable(dataset)
     return dataset, classnames, templates

@@ -256,31 +256,45 @@ class Result:
     skipped: str = ''                                 # reason when not evaluated
     source: dict = field(default_factory=dict)        # the catalog source used, with its path
     num_samples: int = 0
+    unreadable: list = field(default_factory=list)    # damaged samples skipped: one reason each
 
     def percent(self):
         return to_percent(self.metrics, self.task)
 
 
 @torch.no_grad()
-def run_classification(model, loader, classifiers, device, desc='zero-shot'):
-    """{head: [N, C] logits} (100 x cosine, CLIP_benchmark's scale), [N] labels."""
+def run_classification(model, loader, classifiers, device, desc='zero-shot', unreadable=None):
+    """{head: [N, C] logits} (100 x cosine, CLIP_benchmark's scale), [N] labels; the reasons
+    of damaged samples (skipped) are appended to `unreadable`."""
     logits, labels = {h: [] for h in classifiers}, []
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    for batch in _readable(loader, desc, unreadable):
         images = batch['image'].to(device, non_blocking=True)
         for head, weights in classifiers.items():                       # weights [D, C]
             features = F.normalize(encode_image(model, images, head), dim=-1)
             logits[head].append((100. * features @ weights).float().cpu())
         labels.append(batch['label'].cpu())
+    if not labels:                                      # nothing readable
+        return {h: torch.empty(0, w.shape[1]) for h, w in classifiers.items()}, torch.empty(0, dtype=torch.long)
     return {h: torch.cat(v) for h, v in logits.items()}, torch.cat(labels)
 
 
+def _readable(loader, desc, unreadable):
+    """The loader's batches with a progress bar, batches of only damaged samples left out;
+    every damaged sample's reason goes to `unreadable` (a list, or dropped if None)."""
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+        if unreadable is not None:
+            unreadable += batch.get('unreadable', [])
+        if 'image' in batch:
+            yield batch
+
+
 @torch.no_grad()
-def run_retrieval(model, loader, tokenizer, device, heads, desc='retrieval'):
+def run_retrieval(model, loader, tokenizer, device, heads, desc='retrieval', unreadable=None):
     """{head: [T, I] caption-image scores}, [T] index of each caption's image."""
     images = {h: [] for h in heads}
     texts = {h: [] for h in heads}
     owner, seen = [], 0
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    for batch in _readable(loader, desc, unreadable):
         pixels = batch['image'].to(device, non_blocking=True)
         captions = [c for caps in batch['captions'] for c in caps]
         owner += [seen + i for i, caps in enumerate(batch['captions']) for _ in caps]
@@ -289,6 +303,8 @@ def run_retrieval(model, loader, tokenizer, device, heads, desc='retrieval'):
         for h in heads:
             images[h].append(F.normalize(encode_image(model, pixels, h), dim=-1).float().cpu())
             texts[h].append(F.normalize(encode_text(model, tokens, h), dim=-1).float().cpu())
+    if not owner:                                       # nothing readable
+        return {h: torch.empty(0, 0) for h in heads}, torch.empty(0, dtype=torch.long)
     scores = {h: torch.cat(texts[h]) @ torch.cat(images[h]).t() for h in heads}
     return scores, torch.tensor(owner)
 
@@ -314,21 +330,39 @@ def evaluate_entry(model, name, entry, labels, templates, tokenizer, device, ima
                         collate_fn=evalsets.collate, pin_memory=torch.cuda.is_available())
     heads = model_heads(model)
     desc = f'{name}@{image_size}'
+    unreadable = []
     if task == 'zeroshot_retrieval':
-        scores, owner = run_retrieval(model, loader, tokenizer, device, heads, desc)
+        scores, owner = run_retrieval(model, loader, tokenizer, device, heads, desc, unreadable)
+        if not len(owner):
+            return _no_readable_sample(name, task, path, unreadable)
         metrics = {}
         for variant, s in head_scores(scores).items():
             metrics.update(prefixed(variant, retrieval_metrics(s, owner)))
         count = int(owner.max()) + 1 if len(owner) else 0
-        return Result(name, task, metrics, source=source, num_samples=count)
+        return _counted(Result(name, task, metrics, source=source, num_samples=count, unreadable=unreadable))
     classifiers = {h: cached_classifier(model, h, classnames, prompts, tokenizer, device, cache,
                                         classes_per_batch).t().contiguous() for h in heads}
-    logits, target = run_classification(model, loader, classifiers, device, desc)
+    logits, target = run_classification(model, loader, classifiers, device, desc, unreadable)
+    if not len(target):
+        return _no_readable_sample(name, task, path, unreadable)
     metrics = {}
     for variant, lg in head_scores(logits).items():
         metrics.update(prefixed(variant, classification_metrics(
             lg, target, auc=entry.get('metric') == 'roc_auc')))
-    return Result(name, task, metrics, source=source, num_samples=len(target))
+    return _counted(Result(name, task, metrics, source=source, num_samples=len(target), unreadable=unreadable))
+
+
+def _no_readable_sample(name, task, path, unreadable):
+    return Result(name, task, skipped=f"no readable sample at {path} ({len(unreadable)} unreadable"
+                                      + (f", first: {unreadable[0]})" if unreadable else ')'))
+
+
+def _counted(result):
+    """`result`, after one line saying how many damaged samples it skipped (if any)."""
+    if result.unreadable:
+        print(f"{result.name}: {len(result.unreadable)} unreadable sample(s) skipped (scores are over the "
+              f"{result.num_samples} read), first: {result.unreadable[0]}")
+    return result
 
 
 @torch.no_grad()

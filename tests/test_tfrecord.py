@@ -244,3 +244,39 @@ def test_catalog_reads_imagenet_from_tfds_and_linear_probe_finds_its_train_split
     catalog, _, _ = zeroshot.load_catalog()
     assert {'type': 'tfds', 'path': 'imagenet2012'} in catalog['imagenet']['fallbacks']
     assert eval_linear._train_source({'type': 'tfds', 'path': 'x'}) == {'type': 'tfds', 'path': 'x', 'split': 'train'}
+
+
+def test_damaged_samples_are_skipped_and_counted_in_evaluation(tmp_path, tokenizer, capsys):
+    """A flipped byte in a TFDS record and a truncated / non-image file in an ImageFolder:
+    each evaluation skips them, says how many, and scores the rest as if they were not there."""
+    folder = make_tfds(tmp_path / 'tfds')
+    shard = sorted(folder.glob('*.tfrecord-*'))[0]
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF                                     # inside the first record's payload
+    shard.write_bytes(bytes(data))
+    make_imagefolder(tmp_path / 'folder', samples=SAMPLES * 2)
+    crowded = [d for d in sorted((tmp_path / 'folder').iterdir()) if len(list(d.glob('*.png'))) > 1]
+    damaged = [sorted(d.glob('*.png'))[0] for d in crowded[:2]]     # no class left empty
+    damaged[0].write_bytes(damaged[0].read_bytes()[:30])  # truncated PNG
+    damaged[1].write_bytes(b'not an image at all')
+    reference = tmp_path / 'reference'
+    make_imagefolder(reference, samples=SAMPLES * 2)
+    for p in damaged:
+        (reference / p.parent.name / p.name).unlink()    # the same folder without those two
+    results = _run(tmp_path, tokenizer, {'tfds': {'type': 'tfds', 'path': 'tfds/toyset'},
+                                         'folder': {'type': 'imagefolder', 'path': 'folder'},
+                                         'reference': {'type': 'imagefolder', 'path': 'reference'}})
+    out = capsys.readouterr().out
+    assert len(results['tfds'].unreadable) == 1 and results['tfds'].num_samples == len(SAMPLES) - 1
+    assert 'data CRC mismatch' in results['tfds'].unreadable[0]
+    assert len(results['folder'].unreadable) == 2 and results['folder'].num_samples == 2 * len(SAMPLES) - 2
+    assert results['folder'].metrics == results['reference'].metrics
+    assert 'tfds: 1 unreadable sample(s) skipped' in out and 'folder: 2 unreadable sample(s) skipped' in out
+
+
+def test_a_set_of_only_damaged_samples_is_skipped_with_the_reason(tmp_path, tokenizer):
+    make_imagefolder(tmp_path / 'folder')
+    for p in (tmp_path / 'folder').rglob('*.png'):
+        p.write_bytes(b'garbage')
+    result = _run(tmp_path, tokenizer, {'folder': {'type': 'imagefolder', 'path': 'folder'}})['folder']
+    assert result.skipped.startswith(f'no readable sample at {tmp_path}/folder ({len(SAMPLES)} unreadable, first: sample 0')
