@@ -1,5 +1,5 @@
-"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket and SLIP weights (and cvnets' CLIP text
-towers) into our models, and our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
+"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket, SLIP and train-CLIP weights (and cvnets'
+CLIP text towers) into our models, and our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
 
     python interop.py import --from openai --checkpoint ViT-B-32.pt --model CLIP_VITB32_CLIP --out ours.pt
     python interop.py import --from openclip --checkpoint open_clip_pytorch_model.bin \
@@ -7,6 +7,7 @@ towers) into our models, and our models out to OpenCLIP (and to the clip-rocket 
     python interop.py import --from cliprocket --checkpoint checkpoint_best.pt --out ours.pt
     python interop.py import --from cvnets --checkpoint clip_vit_base_16.pt --model CLIP_VITB16_CLIP \
         --text-only --cvnets-config clip_vit_base.yaml --out ours.pt
+    python interop.py import --from trainclip --checkpoint epoch=31.ckpt --model CLIP_RN50OAI_CLIP --out ours.pt
     python interop.py export --checkpoint output/checkpoint_best.pt --out exported/
     python -c "import open_clip; open_clip.create_model('local-dir:exported')"
 
@@ -23,6 +24,7 @@ import sys
 import torch
 
 import checkpoint
+import interop_trainclip
 import models
 import utils
 from interop_cvnets import flags_for_cvnets, load_cvnets, read_recipe
@@ -41,8 +43,8 @@ WEIGHT_FILES = ('open_clip_model.safetensors', 'open_clip_pytorch_model.safetens
 def read_checkpoint(path):
     """-> (state, meta): the weights of a supported file, 'module.' prefixes dropped, floats as
     fp32; meta: 'args' (upstream args as a dict), 'momentum' (clip-rocket's momentum model),
-    'config' (an OpenCLIP directory's model config)."""
-    meta = {'args': None, 'momentum': None, 'config': None}
+    'config' (an OpenCLIP directory's model config), 'hparams' (a Lightning checkpoint's)."""
+    meta = {'args': None, 'momentum': None, 'config': None, 'hparams': None}
     if os.path.isdir(path):
         cfg_path = os.path.join(path, 'open_clip_config.json')
         if os.path.isfile(cfg_path):
@@ -69,6 +71,7 @@ def read_checkpoint(path):
         args = obj.get('args')
         meta['args'] = vars(args) if isinstance(args, argparse.Namespace) else args
         meta['momentum'] = obj.get('momentum_state_dict')
+        meta['hparams'] = obj.get('hyper_parameters')                   # Lightning (train-CLIP)
         obj = obj['state_dict']
     elif isinstance(obj, dict) and isinstance(obj.get('model_state_dict'), dict):   # cvnets' training checkpoint.pt
         obj = obj['model_state_dict']
@@ -107,11 +110,28 @@ def load_ours(path, use_ema=False):
     return checkpoint.load_model(ckpt), ckpt
 
 
-def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False, cvnets_config=None):
-    """-> (model, name, flags, notes) for a checkpoint of `source` (openai, openclip, cliprocket, slip, cvnets)."""
+def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False, tower_flags=None,
+                      cvnets_config=None):
+    """-> (model, name, flags, notes) for a checkpoint of `source` (openai, openclip, cliprocket,
+    slip, trainclip, cvnets); `tower_flags`: image_tower, text_tower, text_pooling (train-CLIP's
+    CustomCLIPWrapper)."""
     if cvnets_config and source != 'cvnets':
         raise ValueError(f"--cvnets-config goes with --from cvnets, not --from {source}")
-    state, meta = read_checkpoint(path)
+    try:
+        state, meta = read_checkpoint(path)
+    except ValueError as e:
+        if source == 'trainclip' and 'weights_only' in str(e):
+            raise ValueError(f"{e}; {interop_trainclip.UNTRUSTED_HINT}") from None
+        raise
+    tower_flags = {k: v for k, v in (tower_flags or {}).items() if v is not None}
+    if source == 'trainclip':
+        layout, state = interop_trainclip.split_state(state)
+        if layout == 'custom':
+            return _import_custom_trainclip(state, meta, name, tower_flags)
+        source = 'openai'                               # CLIPWrapper: OpenAI's CLIP under model.
+    if tower_flags:
+        raise ValueError(f"--{next(iter(tower_flags)).replace('_', '-')} is for train-CLIP's CustomCLIPWrapper "
+                         f"checkpoints; this one has OpenAI's CLIP layout, whose towers it sets itself")
     if source == 'cvnets':
         if name is None:
             raise ValueError("--from cvnets needs --model (e.g. CLIP_VITB16_CLIP)")
@@ -144,6 +164,17 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
     return model.eval(), name, flags, notes
 
 
+def _import_custom_trainclip(state, meta, name, tower_flags):
+    if name is None:
+        raise ValueError("--from trainclip needs --model (e.g. CLIP_R50_CLIP with --image-tower resnet50)")
+    flags, notes = interop_trainclip.custom_flags(name, state, *map(tower_flags.get, interop_trainclip.TOWER_FLAGS),
+                                                  meta['hparams'])
+    model = models.create_model(name, **_create_kwargs(flags))
+    notes += interop_trainclip.load_custom(model, state)
+    model.model_name = name
+    return model.eval(), name, flags, notes
+
+
 def _create_kwargs(flags):
     return {('proj_type' if k == 'clip_proj_type' else k): v for k, v in flags.items()}
 
@@ -156,19 +187,27 @@ def get_args_parser():
     sub = parser.add_subparsers(dest='command', required=True)
     imp = sub.add_parser('import', help='a foreign checkpoint -> one of ours')
     imp.add_argument('--from', dest='source', required=True,
-                     choices=['openai', 'openclip', 'cliprocket', 'slip', 'cvnets'],
+                     choices=['openai', 'openclip', 'cliprocket', 'slip', 'trainclip', 'cvnets'],
                      help='openai: TorchScript archive or state dict; openclip: state dict or an exported '
-                          'directory; cliprocket / slip: their checkpoint_best.pt; cvnets: its CLIP '
-                          'weights (text tower only: --text-only)')
+                          'directory; cliprocket / slip: their checkpoint_best.pt; trainclip: a train-CLIP '
+                          'Lightning .ckpt; cvnets: its CLIP weights (text tower only: --text-only)')
     imp.add_argument('--checkpoint', required=True, help='the file (or OpenCLIP directory) to import')
     imp.add_argument('--model', default=None,
-                     help='our model name (needed for openai/openclip/cvnets; default for cliprocket/slip: '
+                     help='our model name (needed for openai/openclip/trainclip/cvnets; default for cliprocket/slip: '
                           'from its args)')
     imp.add_argument('--openclip-model', default=None,
                      help='OpenCLIP model name (e.g. ViT-B-32-quickgelu) or config JSON of --from openclip')
     imp.add_argument('--cvnets-config', default=None,
                      help='the cvnets recipe YAML of --from cvnets (text heads, causal masking, activation); '
                           'default: the published CLIP recipes\' values')
+    imp.add_argument('--image-tower', default=None, metavar='TIMM_NAME',
+                     help="trainclip CustomCLIPWrapper: the timm model of its image encoder (default: the "
+                          "--model backbone's; torchvision's resnet50 is timm's resnet50)")
+    imp.add_argument('--text-tower', default=None, metavar='DIR',
+                     help='trainclip CustomCLIPWrapper: its Hugging Face text encoder (config and tokenizer; '
+                          'the weights come from the checkpoint)')
+    imp.add_argument('--text-pooling', default=None, choices=['mean', 'pooler'],
+                     help="trainclip CustomCLIPWrapper: mean (its avg_word_embs=True) or pooler (its default)")
     imp.add_argument('--text-only', action='store_true',
                      help='load the text tower, text projection and logit scale only (any image tower)')
     imp.add_argument('--out', required=True,
@@ -199,8 +238,10 @@ def main(argv=None):
     try:
         check_paths(args)
         if args.command == 'import':
+            tower_flags = {k: getattr(args, k) for k in interop_trainclip.TOWER_FLAGS}
             model, name, flags, notes = import_checkpoint(args.source, args.checkpoint, args.model,
-                                                          args.openclip_model, args.text_only, args.cvnets_config)
+                                                          args.openclip_model, args.text_only, tower_flags,
+                                                          args.cvnets_config)
             source = {'from': args.source, 'checkpoint': os.path.abspath(args.checkpoint)}
             save_ours(args.out, model, name, flags, source)
             print(f"wrote {args.out}: {name} with {flags}")

@@ -11,14 +11,13 @@ import torch
 import torch.nn as nn
 
 import checkpoint
+import interop_resnet
 import models
 
 OPENAI_IGNORED = ('input_resolution', 'context_length', 'vocab_size')   # OpenAI's non-weight entries
 MODIFIED_RESNET = ("OpenAI/OpenCLIP RN50-family image towers are ModifiedResNets (3-conv stem, "
-                   "average-pool downsampling, attention pooling with its own biased output "
-                   "projection); our R50 is timm's resnet50 (1-conv stem, strided convolutions, "
-                   "average pooling): no exact mapping. Import the text tower only (--text-only) or "
-                   "use a ViT checkpoint")
+                   "average-pool downsampling, attention pooling): use our RN*OAI backbones "
+                   "(e.g. --model CLIP_RN50OAI_CLIP); timm's resnet50 (our R50) is another network")
 
 
 # ----------------------------------------------------------------------------- OpenCLIP configs
@@ -59,7 +58,9 @@ def openai_config(state):
         vision = {'image_size': grid * patch, 'layers': count('visual.transformer.resblocks.'),
                   'width': vwidth, 'patch_size': patch, 'head_width': 64}
     else:                                                               # ModifiedResNet
-        vision = {'layers': [count(f'visual.layer{i}.') for i in range(1, 5)], 'width': 64}
+        grid = round((state['visual.attnpool.positional_embedding'].shape[0] - 1) ** 0.5)
+        vision = {'image_size': grid * 32, 'layers': [count(f'visual.layer{i}.') for i in range(1, 5)],
+                  'width': state['visual.layer1.0.conv1.weight'].shape[0], 'patch_size': None}
     return {'embed_dim': state['text_projection'].shape[1], 'quick_gelu': True,
             'vision_cfg': vision, 'text_cfg': text}
 
@@ -211,6 +212,10 @@ def flags_for_openclip(name, cfg, text_only=False):
             flags['image_tower'] = v.timm_model_name
             return flags, [f"image tower: timm {v.timm_model_name} (image_tower; main.py --image-tower)"]
         return flags, []
+    if interop_resnet.is_resnet_cfg(v):
+        flags['image_size'] = _square(v.image_size)
+        interop_resnet.check_preset(backbone, interop_resnet.openclip_resnet_spec(v, flags['image_size']))
+        return flags, []
     want = openclip_vit_spec(cfg)
     flags['image_size'] = want['image_size']
     with torch.device('meta'):
@@ -284,8 +289,9 @@ def _check_text(model, cfg):
 
 def _openclip_visual_to_ours(model, state, cfg):
     v = _vision_cfg(cfg)
-    if any(k.startswith('visual.attnpool.') for k in state) or isinstance(v.layers, (tuple, list)):
-        raise ValueError(MODIFIED_RESNET)
+    if interop_resnet.is_resnet_cfg(v):
+        want = interop_resnet.openclip_resnet_spec(v, _square(v.image_size))
+        return interop_resnet.visual_to_ours(model, state, want)
     if v.timm_model_name:
         if v.timm_model_name != model.backbone_cfg.timm_name or not _timm_pool_is_default(v.timm_pool, model.visual):
             raise ValueError(f"OpenCLIP timm tower {v.timm_model_name} (timm_pool {v.timm_pool!r}) vs ours "
@@ -373,7 +379,10 @@ def to_openclip(model):
         state['logit_bias'] = sd['logit_bias']
         cfg['init_logit_bias'] = float(sd['logit_bias'])
     why_not_vit = _vit_export_problem(model, quick)
-    if why_not_vit is None:
+    if model.backbone_cfg.proj_bias:                        # OpenAI's ModifiedResNet: its attnpool projects
+        cfg['vision_cfg'], visual = interop_resnet.visual_to_openclip(model)
+        state.update(visual)
+    elif why_not_vit is None:
         spec = timm_vit_spec(model.visual)
         cfg['vision_cfg'] = {'image_size': spec['image_size'], 'layers': spec['layers'], 'width': spec['width'],
                              'head_width': spec['width'] // spec['heads'],

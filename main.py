@@ -241,11 +241,12 @@ def resolve_args(args):
     if args.batch_size is not None and args.batch_size == 1:
         raise ValueError("--batch-size must be >= 2: a contrastive loss needs negatives in the batch "
                          "(and BatchNorm needs two samples)")
-    if args.patch_dropout and not models.BACKBONES.get(args.backbone).takes_img_size \
+    if args.patch_dropout and not models.BACKBONES.get(args.backbone).is_vit \
             and not getattr(args, 'image_tower', None):
         raise ValueError(f"--patch-dropout drops ViT patch tokens; {args.backbone} is not a ViT "
                          f"(use a VIT* backbone)")
-    min_size = models.BACKBONES.get(args.backbone).min_image_size
+    backbone = models.BACKBONES.get(args.backbone)
+    min_size, step = backbone.min_image_size, backbone.image_size_step
     if not getattr(args, 'image_tower', None):
         sizes = [('--image-size', args.image_size)]
         if args.base == 'CL2L' and args.num_augs > 0:
@@ -254,6 +255,8 @@ def resolve_args(args):
             if size is not None and 0 < size < min_size:
                 raise ValueError(f"{flag} {size} is smaller than the {args.backbone} tower takes "
                                  f"(>= {min_size} px)")
+            if size is not None and size > 0 and size % step:
+                raise ValueError(f"{flag} {size}: the {args.backbone} tower takes multiples of {step} px")
     utils.check_counts(args, positive=COUNTS, non_negative=STEP_COUNTS)
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")

@@ -43,6 +43,23 @@ class BackboneCfg:
     embed_dim: int = 256         # default joint embedding size (upstream default 256)
     heads: dict = field(default_factory=dict)  # HeadCfg defaults for this preset (small heads)
     min_image_size: int = 1      # smallest input the tower takes (a ViT's patch, a CNN's stride)
+    image_size_step: int = 1     # input sizes must be multiples of this (1: any size)
+    proj_bias: bool = False      # the linear image projection has a bias (OpenAI's attention-pool c_proj)
+
+    @property
+    def is_vit(self):
+        """A timm ViT: patch tokens that --patch-dropout can drop."""
+        return self.takes_img_size and self.timm_name.startswith('vit_')
+
+
+def _openai_resnet(timm_name, image_size, text_width, embed_dim):
+    """OpenAI's ModifiedResNet (timm's resnet*_clip: 3-conv stem, average-pool downsampling,
+    attention pooling) with OpenAI's text width and embedding size. The attention pool's output
+    projection (c_proj, with a bias) is our image projection, so its input, the pooled
+    width*32 features, is the tower's output. Five halvings: sizes are multiples of 32."""
+    return BackboneCfg(timm_name, image_size=image_size, takes_img_size=True, channels_last=True,
+                       min_image_size=32, image_size_step=32, proj_bias=True, embed_dim=embed_dim,
+                       text=TextCfg(width=text_width, heads=text_width // 64))
 
 
 BASES = Registry('base')
@@ -61,6 +78,12 @@ for _name, _cfg in {
     'VITB16': BackboneCfg('vit_base_patch16_224', takes_img_size=True, min_image_size=16),
     'VITB32': BackboneCfg('vit_base_patch32_224', takes_img_size=True, min_image_size=32),
     'VITL16': BackboneCfg('vit_large_patch16_224', takes_img_size=True, min_image_size=16),
+    # OpenAI CLIP's ResNets (RN50 ... RN50x64: OpenAI's image size, width, depth, text width, embed dim)
+    'RN50OAI': _openai_resnet('resnet50_clip', 224, 512, 1024),
+    'RN101OAI': _openai_resnet('resnet101_clip', 224, 512, 512),
+    'RN50X4OAI': _openai_resnet('resnet50x4_clip', 288, 640, 640),
+    'RN50X16OAI': _openai_resnet('resnet50x16_clip', 384, 768, 768),
+    'RN50X64OAI': _openai_resnet('resnet50x64_clip', 448, 1024, 1024),
     # small presets for the demo and the tests (sized so that `make demo` learns shape in ~5 CPU minutes)
     'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
                            channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
@@ -109,14 +132,17 @@ def create_model(name, **overrides):
     Accepted overrides: embed_dim, proj_type, image_size, the text keys (transformer_width,
     transformer_heads, transformer_layers, context_length, text_act), every HeadCfg field,
     logit_scale_init (initial exp(logit scale)), logit_bias_init (SigLIP), patch_dropout (ViTs),
-    image_tower (a timm name replacing the backbone's), text_tower + text_pooling (a Hugging Face
-    encoder replacing the text transformer; see towers.py).
+    image_tower (a timm name replacing the backbone's), image_proj_bias (a bias in the linear image
+    projection), text_tower + text_pooling (a Hugging Face encoder replacing the text transformer;
+    see towers.py).
     """
     base, backbone, method = parse_model_name(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = BACKBONES.get(backbone)
     if 'image_tower' in overrides:      # any timm model replaces the backbone (towers.py)
         cfg = replace(cfg, **towers.timm_backbone_fields(overrides.pop('image_tower')))
+    if 'image_proj_bias' in overrides:  # a biased image projection (train-CLIP imports)
+        cfg = replace(cfg, proj_bias=overrides.pop('image_proj_bias'))
     text_cfg = replace(cfg.text, **{_TEXT_KEYS[k]: overrides.pop(k)
                                     for k in list(overrides) if k in _TEXT_KEYS})
     text_tower = None
@@ -142,7 +168,7 @@ def create_model(name, **overrides):
         raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
                          f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}, "
                          f"logit_scale_init, logit_bias_init, patch_dropout, image_tower, "
-                         f"text_tower, text_pooling")
+                         f"image_proj_bias, text_tower, text_pooling")
     model.model_name = name
     return model
 
@@ -151,7 +177,7 @@ def create_model_from_flags(name, flags):
     """Build from main.py's flags (a dict or Namespace, e.g. a checkpoint's `args`)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
     keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init',
-            'patch_dropout', 'image_tower', 'text_tower', 'text_pooling']
+            'patch_dropout', 'image_tower', 'image_proj_bias', 'text_tower', 'text_pooling']
     return create_model(name, proj_type=flags.get('clip_proj_type'),
                         **{k: flags.get(k) for k in keys})
 
@@ -196,9 +222,13 @@ class TinyCNN(nn.Module):
 def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 0.0):
     """The image tower; `patch_dropout` (ViTs only): fraction of patch tokens dropped at random
     in training (FLIP / CLIPA image token reduction, timm's PatchDropout)."""
-    if patch_dropout and not cfg.takes_img_size:
+    if patch_dropout and not cfg.is_vit:
         raise ValueError(f"--patch-dropout drops ViT patch tokens; {cfg.timm_name or 'this backbone'} "
                          f"is not a ViT (use a VIT* backbone)")
+    if image_size % cfg.image_size_step:
+        step = cfg.image_size_step
+        raise ValueError(f"image size {image_size}: the {cfg.timm_name} tower takes multiples of {step} px "
+                         f"(e.g. {max(step, image_size // step * step)})")
     if cfg.builder is not None:
         return cfg.builder(image_size)
     kwargs = dict(cfg.timm_kwargs)
@@ -242,7 +272,7 @@ class CLIP(nn.Module):
         self.embed_dim, self.image_size = embed_dim, image_size
         self.visual = build_image_tower(backbone, image_size, patch_dropout)
         self.vision_width = vision_width = self.visual.num_features
-        self.image_projection = (nn.Linear(vision_width, embed_dim, bias=False)
+        self.image_projection = (nn.Linear(vision_width, embed_dim, bias=backbone.proj_bias)
                                  if proj_type == 'linear' else
                                  mlp(vision_width, vision_width, embed_dim, layers=2))
         self.text_tower = text_tower    # towers.HFTextTower (--text-tower), else the built-in one
@@ -435,13 +465,17 @@ BASES.register('CL2L', CL2L)
 
 def resample_position_embeddings(model, state):
     """`state` with every ViT absolute position embedding saved for another patch grid (another
-    image size) resampled to `model`'s grid; other entries as they are (a new dict)."""
-    from timm.layers import resample_abs_pos_embed
+    image size), and every attention-pool one (the RN*OAI towers) saved for another feature map,
+    resampled to `model`'s grid; other entries as they are (a new dict)."""
+    from timm.layers import AttentionPool2d, resample_abs_pos_embed
     own, state = model.state_dict(), dict(state)
     for key, value in state.items():
         if not (key.endswith('pos_embed') and key in own and own[key].shape != value.shape):
             continue
         module = model.get_submodule(key.rsplit('.', 1)[0]) if '.' in key else model
+        if isinstance(module, AttentionPool2d):         # [1 + h*w, C], the mean token first
+            state[key] = resample_abs_pos_embed(value.unsqueeze(0), new_size=list(module.feat_size),
+                                                num_prefix_tokens=1, verbose=False)[0]
         if getattr(module, 'patch_embed', None) is None:
             continue
         prefix = 0 if getattr(module, 'no_embed_class', False) else module.num_prefix_tokens
@@ -503,20 +537,34 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """timm's BatchNormAct2d (BatchNorm, then its dropout and activation; the OpenAI ResNets'
+    norms) with CPUSyncBatchNorm's statistics."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
 def sync_batchnorm(model, device):
-    """Every BatchNorm of `model` computes its statistics over all processes: PyTorch's
-    SyncBatchNorm on CUDA, CPUSyncBatchNorm elsewhere. Returns the (converted) model."""
+    """Every BatchNorm of `model` computes its statistics over all processes: SyncBatchNorm on
+    CUDA (timm's converter: plain BatchNorm as PyTorch's, its BatchNorm+activation keeping the
+    activation), CPUSyncBatchNorm(Act) elsewhere. Returns the (converted) model."""
+    from timm.layers import BatchNormAct2d, convert_sync_batchnorm
     if device.type == 'cuda':
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return convert_sync_batchnorm(model)
 
     def convert(module):
-        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):   # not subclasses (timm's BN+act)
-            new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats)
+        plain = type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)   # not other subclasses
+        if plain or type(module) is BatchNormAct2d:
+            cls = CPUSyncBatchNorm if plain else CPUSyncBatchNormAct
+            new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats)
             for name in ('weight', 'bias'):                   # the same tensors: dtype, device kept
                 setattr(new, name, getattr(module, name))
             for name in ('running_mean', 'running_var', 'num_batches_tracked'):
                 setattr(new, name, getattr(module, name))
+            if not plain:
+                new.drop, new.act = module.drop, module.act
             new.train(module.training)
             return new
         for name, child in module.named_children():

@@ -32,6 +32,9 @@ def add_args(parser):
     g.add_argument('--image-tower', default=None, metavar='TIMM_NAME',
                    help='any timm model as the image tower, replacing the <backbone> of --model '
                         '(which still sets the text tower, embed dim and head sizes), e.g. resnet18')
+    g.add_argument('--image-proj-bias', action='store_true', default=None,
+                   help='a bias in the linear image projection (train-CLIP CustomCLIPWrapper imports '
+                        'have one, its image encoder\'s last layer; the RN*OAI backbones always do)')
     g.add_argument('--image-pretrained', default=None, metavar='PATH',
                    help='image-tower weights: a timm/torch state dict (.pt/.pth/.bin, read with '
                         'weights_only=True) or .safetensors; keys must match exactly (classifier dropped)')

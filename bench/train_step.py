@@ -1,6 +1,6 @@
 """Training-step throughput and MFU: our step vs OpenCLIP's, same batch, fp32 on CPU.
 
-    python bench/train_step.py                      # ViT-B/16, R50, CL2L rows + MFU (long on 2 cores)
+    python bench/train_step.py                      # ViT-B/16, R50, RN50OAI, CL2L rows + MFU (long on 2 cores)
     python bench/train_step.py --quick              # smoke run: batch 4, 2 timed steps per arm
     python bench/train_step.py --configs vitb16 --batch-size 16 --steps 10
 
@@ -87,6 +87,17 @@ def run_r50(args, peak):
     return [summary(a, args.batch_size) for a in arms]
 
 
+def run_rn50oai(args, peak):
+    """Ours CLIP_RN50OAI_CLIP (timm's resnet50_clip: OpenAI's ModifiedResNet, its attention pool's
+    c_proj as our image projection) vs OpenCLIP RN50 (its own ModifiedResNet), same batch."""
+    real = make_batches(args.batch_size, 224, args.pool)
+    print(f'\n## OpenAI RN50 (ModifiedResNet), batch {args.batch_size}, 224 px, fp32, realistic captions')
+    arms = [build_ours('CLIP_RN50OAI_CLIP', real, 'ours RN50OAI', **dict(TEXT_B16, embed_dim=1024)),
+            build_openclip('RN50', real, 'OpenCLIP RN50 (ModifiedResNet)')]
+    interleave(arms, args.steps, args.warmup, peak)
+    return [summary(a, args.batch_size) for a in arms]
+
+
 def run_cl2l(args, peak):
     views = 2
     real = make_batches(args.batch_size, 224, min(2, args.pool), views=views)
@@ -99,7 +110,7 @@ def run_cl2l(args, peak):
 
 
 CONFIGS = {'vitb16': run_vitb16, 'vitb16_compile': run_vitb16_compile, 'r50': run_r50,
-           'cl2l': run_cl2l}
+           'rn50oai': run_rn50oai, 'cl2l': run_cl2l}
 
 
 def get_parser():
@@ -146,7 +157,8 @@ def main(argv=None):
     print(f'\nfp32 GEMM peak (4096^3 torch.mm, best of {4 * len(peak)}): {best_peak / 1e9:.0f} GFLOP/s; '
           f'{machine_note(args.threads)}')
     refs = {'vitb16': 'OpenCLIP ViT-B-16', 'vitb16_compile': 'OpenCLIP ViT-B-16 eager',
-            'r50': 'OpenCLIP timm-resnet50 (registered)', 'cl2l': None}
+            'r50': 'OpenCLIP timm-resnet50 (registered)', 'rn50oai': 'OpenCLIP RN50 (ModifiedResNet)',
+            'cl2l': None}
     for name, rows in results.items():
         print(f'\n### {name} (batch {args.batch_size})')
         print_table(rows, args.batch_size, best_peak, refs[name])

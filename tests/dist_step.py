@@ -23,11 +23,13 @@ import utils  # noqa: E402
 from test_methods import METHOD_CASES  # noqa: E402  (one case per registered method)
 
 GLOBAL_BATCH = 8
-# model name + flags: one case per registered method, plus accumulation under DDP and a tower
-# with BatchNorm (exact across processes through models.sync_batchnorm)
+# model name + flags: one case per registered method, plus accumulation under DDP and towers
+# with BatchNorm (exact across processes through models.sync_batchnorm; RN50OAI: timm's BN+ReLU)
 CASES = {**METHOD_CASES,
          'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
-         'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj']}
+         'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj'],
+         'CLIP_RN50OAI': ['CLIP_RN50OAI_CLIP', '--image-size', '32', '--transformer-layers', '1',   # BN + ReLU
+                          '--transformer-width', '64', '--transformer-heads', '1', '--embed-dim', '32']}
 
 
 def has_batchnorm(case):

@@ -342,11 +342,11 @@ def test_cvnets_image_encoders_and_other_text_settings_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- clear errors
 
-def test_modified_resnet_is_refused_but_its_text_tower_loads(tokenizer):
+def test_modified_resnet_of_no_preset_is_refused_but_its_text_tower_loads(tokenizer):
     cfg = {'embed_dim': 32, 'vision_cfg': {'image_size': 64, 'layers': [1, 1, 1, 1], 'width': 16},
            'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 128, 'heads': 4, 'layers': 2}}
     oc = _randomize(open_clip.CLIP(**cfg)).eval()
-    with pytest.raises(ValueError, match='ModifiedResNet.*no exact mapping'):
+    with pytest.raises(ValueError, match=r'ModifiedResNet layers \[1, 1, 1, 1\], width 16.*no backbone of ours'):
         interop_openclip.flags_for_openclip('CLIP_R50_CLIP', cfg)
     assert interop_openclip.openai_config(oc.state_dict())['vision_cfg']['layers'] == [1, 1, 1, 1]
     flags, _ = interop_openclip.flags_for_openclip('CLIP_TINYCNN_CLIP', cfg, text_only=True)
