@@ -50,6 +50,14 @@ class Feature(Protocol):
         """Extra weights that validation reports beside the live ones, e.g. {'ema': module}."""
         return {}
 
+    def set_total_steps(self, total_steps):
+        """Before training: the run's length in optimizer steps (for schedules, e.g. a curriculum)."""
+
+    def loss_terms(self, outputs):
+        """{name: 0-d tensor} added to the method's loss (and logged as terms), computed from the
+        model's training outputs."""
+        return {}
+
 
 FEATURES = Registry('training feature')
 
@@ -102,11 +110,35 @@ def eval_models(feats, core):
     return {k: m for hook in _hooks(feats, 'eval_models') for k, m in hook(core).items()}
 
 
+def set_total_steps(feats, total_steps):
+    for hook in _hooks(feats, 'set_total_steps'):
+        hook(total_steps)
+
+
+def with_loss_terms(feats, loss_fn):
+    """`loss_fn` plus the features' own loss terms: each is added to 'loss' and logged by name."""
+    hooks = _hooks(feats, 'loss_terms')
+    if not hooks:
+        return loss_fn
+
+    def loss(outputs):
+        terms = loss_fn(outputs)
+        for hook in hooks:
+            extra = hook(outputs)
+            terms = {**terms, **extra, 'loss': terms['loss'] + sum(extra.values())}
+        return terms
+    return loss
+
+
 def _register_all():
     import model_ema
+    import range_augment
     FEATURES.register('model_ema', FeatureSpec(
         'model_ema', model_ema.add_args, model_ema.resolve, lambda args: args.model_ema,
         model_ema.build, 'exponential moving average of the weights, validated beside them'))
+    FEATURES.register('range_augment', FeatureSpec(
+        'range_augment', range_augment.add_args, range_augment.resolve, range_augment.enabled,
+        range_augment.build, 'learned magnitude ranges of on-device image augmentations (RangeAugment)'))
 
 
 _register_all()

@@ -362,8 +362,8 @@ def run(args, argv, device, run_lock):
     if args.checkpoint_grad:
         model.set_grad_checkpointing(True)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    loss_fn = methods.build_loss(args)
     feats = features.build(args, model, device)     # --model-ema, ... (features.py)
+    loss_fn = features.with_loss_terms(feats, methods.build_loss(args))   # + e.g. RangeAugment's term
     tokenizer = towers.tokenizer_for(args)      # the --text-tower's own, else the CLIP BPE
     optimizer = build_optimizer(model, args, features.param_groups(feats))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'amp')
@@ -392,6 +392,7 @@ def run(args, argv, device, run_lock):
         raise SystemExit(f"main.py: error: an epoch of {len(sampler)} samples per process is smaller "
                          f"than --batch-size x --update-freq = {args.batch_size * args.update_freq}")
     total_steps = steps_per_epoch * args.epochs
+    features.set_total_steps(feats, total_steps)   # e.g. RangeAugment's PSNR curriculum
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
 
     def lr_at(step):

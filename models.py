@@ -574,11 +574,13 @@ def sync_batchnorm(model, device):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no decay for biases, norms (all 1-d params), embeddings, logit scale."""
+    """AdamW groups: no decay for biases, norms (all 1-d params), embeddings, logit scale. A
+    training feature's submodule (`model.feature_modules`, e.g. RangeAugment's) has its own group."""
     skip = model.no_weight_decay()
+    own_group = tuple(f'{name}.' for name in getattr(model, 'feature_modules', ()))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name.startswith(own_group):
             continue
         (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay},

@@ -28,7 +28,9 @@ def training_curves(output_dir):
     import matplotlib.pyplot as plt
     steps = read_jsonl(os.path.join(output_dir, 'log_steps.txt'))
     epochs = read_jsonl(os.path.join(output_dir, 'log.txt'))
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ranges = sorted({k for r in steps for k in r if k.startswith('range_augment_') and k.endswith(('_min', '_max'))})
+    fig, axes = plt.subplots(1, 3 if ranges else 2, figsize=(15 if ranges else 10, 4))
+    ax_loss, ax_acc = axes[:2]
     ax_loss.plot([r['step'] for r in steps], [r['loss'] for r in steps])
     ax_loss.set(xlabel='optimizer step', ylabel='training loss', title='loss')
     for key in sorted({k for r in epochs for k in r if k.endswith('_top1')}):
@@ -37,11 +39,25 @@ def training_curves(output_dir):
     ax_acc.set(xlabel='epoch', ylabel='top-1 (%)', title='zero-shot accuracy', ylim=(0, 100))
     if ax_acc.lines:
         ax_acc.legend()
+    if ranges:
+        _range_panel(axes[2], steps, ranges)
     fig.tight_layout()
     path = os.path.join(output_dir, 'curves.png')
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _range_panel(ax, steps, keys):
+    """RangeAugment's learned ranges per logged step: one band per op, its ends as lines."""
+    ops = sorted({k[len('range_augment_'):].rsplit('_', 1)[0] for k in keys})
+    for key in keys:
+        rows = [r for r in steps if key in r]
+        op = key[len('range_augment_'):].rsplit('_', 1)[0]
+        ax.plot([r['step'] for r in rows], [r[key] for r in rows], color=f'C{ops.index(op)}',
+                linestyle='-' if key.endswith('_max') else '--', label=f'{op} {key[-3:]}')
+    ax.set(xlabel='optimizer step', ylabel='magnitude', yscale='log', title='RangeAugment ranges')
+    ax.legend(fontsize='small')
 
 
 if __name__ == '__main__':

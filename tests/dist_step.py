@@ -5,7 +5,8 @@
 Every rank builds the same model and the same global batch of 2*b samples, keeps its own
 half, runs forward + backward through DDP, and rank 0 saves the rank-averaged loss and the
 (all-reduced) gradients (with --update-freq k: over k micro-batches per rank, cached
-accumulation). Without torchrun it computes the same on the whole batch in one pass.
+accumulation). Without torchrun it computes the same on the whole batch in one pass (with
+--range-augment: each half augmented as its rank draws it, forward_as_ranks).
 """
 import os
 import sys
@@ -16,9 +17,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import features  # noqa: E402
 import main as train  # noqa: E402
 import methods  # noqa: E402
 import models  # noqa: E402
+import range_augment  # noqa: E402
 import utils  # noqa: E402
 from test_methods import METHOD_CASES  # noqa: E402  (one case per registered method)
 
@@ -52,13 +55,30 @@ def global_batch(model, tokenizer, views):
     return batch
 
 
+def forward_as_ranks(model, batch, ranks, k):
+    """The training outputs of `batch` augmented (--range-augment) as `ranks` processes would:
+    each starts from the same generator state and augments its share, as k micro-batches in
+    order (cached accumulation's first pass), before one forward of the whole batch."""
+    start = torch.get_rng_state()
+    n = GLOBAL_BATCH // (ranks * k)
+    parts = []
+    for r in range(ranks):
+        torch.set_rng_state(start)
+        parts += [model.range_augment.augment_batch({key: v[(r * k + j) * n:(r * k + j + 1) * n]
+                                                     for key, v in batch.items()}) for j in range(k)]
+    whole = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return {**type(model).forward(model, whole), range_augment.MSE_KEY: whole[range_augment.MSE_KEY]}
+
+
 def main():
     name, out, *flags = sys.argv[1:]
     args = train.parse_args(['--model', name, *flags])
     utils.init_distributed('gloo')
     rank, world = utils.get_rank(), utils.get_world_size()
     torch.manual_seed(0)
-    model = models.create_model_from_flags(args.model, args).double()
+    model = models.create_model_from_flags(args.model, args)
+    feats = features.build(args, model, torch.device('cpu'))     # --range-augment: in the model
+    model.double()
     views = args.num_augs if args.base == 'CL2L' else 0
     batch = global_batch(model, datasets.Tokenizer(), views)
     b = GLOBAL_BATCH // world
@@ -66,8 +86,12 @@ def main():
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(models.sync_batchnorm(model, torch.device('cpu')))
-    loss_fn = methods.build_loss(args)
-    if args.update_freq > 1 and world > 1:            # cached accumulation over micro-batches
+    loss_fn = features.with_loss_terms(feats, methods.build_loss(args))
+    if world == 1 and args.range_augment:             # the draws 2 ranks make, in one pass
+        loss = loss_fn(forward_as_ranks(model, batch, 2, args.update_freq))['loss']
+        loss.backward()
+        loss = loss.detach()
+    elif args.update_freq > 1 and world > 1:          # cached accumulation over micro-batches
         k = args.update_freq
         micro = [{key: v[j * b // k:(j + 1) * b // k] for key, v in local.items()} for j in range(k)]
         loss = engine.accumulate_cached(net, loss_fn, micro, torch.amp.GradScaler('cpu', enabled=False),
