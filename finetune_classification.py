@@ -46,7 +46,7 @@ import checkpoint
 import engine
 import eval_linear
 import models
-import text
+import towers
 import utils
 import zeroshot
 
@@ -198,7 +198,7 @@ def resolve_templates(templates):
 @torch.no_grad()
 def zeroshot_head(classifier, clip, pre, head, names, templates, device, scale=None):
     """Set the linear head to scale x the zero-shot classifier [C, D], bias 0 -> the classifier."""
-    tokenizer = text.Tokenizer(pre['args'].get('context_length', 77))
+    tokenizer = towers.tokenizer_for(pre['args'])   # CLIP BPE, or a --text-tower's / --text-tokenizer's own
     weights = zeroshot.cached_classifier(clip, head, names, templates, tokenizer, device)   # [C, D]
     scale = logit_scale(pre, head) if scale is None else scale
     classifier.head.weight.copy_(scale * weights)

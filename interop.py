@@ -25,6 +25,7 @@ import torch
 
 import checkpoint
 import interop_trainclip
+import interop_clipa
 import models
 import utils
 from interop_cvnets import flags_for_cvnets, load_cvnets, read_recipe
@@ -111,10 +112,11 @@ def load_ours(path, use_ema=False):
 
 
 def import_checkpoint(source, path, name=None, openclip_model=None, text_only=False, tower_flags=None,
-                      cvnets_config=None):
+                      cvnets_config=None, text_tokenizer=None):
     """-> (model, name, flags, notes) for a checkpoint of `source` (openai, openclip, cliprocket,
     slip, trainclip, cvnets); `tower_flags`: image_tower, text_tower, text_pooling (train-CLIP's
-    CustomCLIPWrapper)."""
+    CustomCLIPWrapper); `text_tokenizer`: the local tokenizer directory of a CLIPA text tower
+    (default: an OpenCLIP directory's own tokenizer files, as an export writes them)."""
     if cvnets_config and source != 'cvnets':
         raise ValueError(f"--cvnets-config goes with --from cvnets, not --from {source}")
     try:
@@ -149,7 +151,9 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
                                  "--checkpoint is a directory with open_clip_config.json")
         if name is None:
             raise ValueError(f"--from {source} needs --model (e.g. CLIP_VITB16_CLIP)")
-        flags, notes = flags_for_openclip(name, cfg, text_only)
+        if text_tokenizer is None and os.path.isdir(path) and (cfg['text_cfg'].get('hf_tokenizer_name')):
+            text_tokenizer = path                   # an exported directory holds its tokenizer
+        flags, notes = flags_for_openclip(name, cfg, text_only, text_tokenizer)
         model = models.create_model(name, **_create_kwargs(flags))
         notes += load_openclip(model, state, cfg, text_only)
     else:
@@ -160,6 +164,8 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
     if flags.get('text_act') == 'quick_gelu' and models.BACKBONES.get(name.split('_')[1]).text.act != 'quick_gelu':
         notes.append("QuickGELU text tower (text_act in the checkpoint's args; eval_zeroshot.py reads it): "
                      "fine-tune with main.py --finetune ... --text-act quick_gelu (without it main.py builds GELU)")
+    if interop_clipa.finetune_note(flags):
+        notes.append(interop_clipa.finetune_note(flags))
     model.model_name = name
     return model.eval(), name, flags, notes
 
@@ -176,7 +182,8 @@ def _import_custom_trainclip(state, meta, name, tower_flags):
 
 
 def _create_kwargs(flags):
-    return {('proj_type' if k == 'clip_proj_type' else k): v for k, v in flags.items()}
+    return {('proj_type' if k == 'clip_proj_type' else k): v for k, v in flags.items()
+            if k != 'text_tokenizer'}           # the data's, not the model's
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -208,6 +215,9 @@ def get_args_parser():
                           'the weights come from the checkpoint)')
     imp.add_argument('--text-pooling', default=None, choices=['mean', 'pooler'],
                      help="trainclip CustomCLIPWrapper: mean (its avg_word_embs=True) or pooler (its default)")
+    imp.add_argument('--text-tokenizer', default=None, metavar='DIR',
+                     help="CLIPA: a local copy of the text tower's Hugging Face tokenizer (bert-base-uncased; "
+                          'nothing is downloaded), recorded in the checkpoint for eval_zeroshot.py / main.py')
     imp.add_argument('--text-only', action='store_true',
                      help='load the text tower, text projection and logit scale only (any image tower)')
     imp.add_argument('--out', required=True,
@@ -241,7 +251,7 @@ def main(argv=None):
             tower_flags = {k: getattr(args, k) for k in interop_trainclip.TOWER_FLAGS}
             model, name, flags, notes = import_checkpoint(args.source, args.checkpoint, args.model,
                                                           args.openclip_model, args.text_only, tower_flags,
-                                                          args.cvnets_config)
+                                                          args.cvnets_config, args.text_tokenizer)
             source = {'from': args.source, 'checkpoint': os.path.abspath(args.checkpoint)}
             save_ours(args.out, model, name, flags, source)
             print(f"wrote {args.out}: {name} with {flags}")
@@ -249,7 +259,10 @@ def main(argv=None):
             model, ckpt = load_ours(args.checkpoint, args.use_ema)
             if args.to == 'openclip':
                 name = openclip_export_name(ckpt['model_name'], args.name)
-                cfg, state, notes = to_openclip(model)
+                tokenizer_dir = ckpt['args'].get('text_tokenizer')
+                cfg, state, notes = to_openclip(model, tokenizer_dir)
+                if tokenizer_dir:
+                    interop_clipa.write_tokenizer(cfg, tokenizer_dir, args.out)
                 if args.name is None and name != ckpt['model_name']:
                     notes.append(f"named {name}, not {ckpt['model_name']}: open_clip.get_tokenizer gives names "
                                  f"containing 'siglip' SigLIP's tokenizer; this model reads CLIP's BPE")

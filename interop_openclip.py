@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import checkpoint
 import interop_resnet
+import interop_clipa
 import models
 
 OPENAI_IGNORED = ('input_resolution', 'context_length', 'vocab_size')   # OpenAI's non-weight entries
@@ -80,17 +81,17 @@ def _vision_cfg(cfg):
 def _text_cfg(cfg):
     from open_clip.model import CLIPTextCfg
     t = _cfg(CLIPTextCfg, cfg['text_cfg'], 'text_cfg')
-    unsupported = {'hf_model_name': None, 'hf_tokenizer_name': None, 'ls_init_value': None,
-                   'embed_cls': False, 'no_causal_mask': False,
-                   'pool_type': 'argmax', 'proj_bias': False, 'proj_type': 'linear', 'mlp_ratio': 4.0,
+    unsupported = {'hf_model_name': None, 'ls_init_value': None, 'embed_cls': False,
+                   'proj_bias': False, 'proj_type': 'linear', 'mlp_ratio': 4.0,
                    'act_kwargs': None, 'block_type': None, 'qk_norm': False, 'scaled_cosine_attn': False,
                    'scale_heads': False, 'scale_attn_inner': False, 'scale_attn': False, 'scale_fc': False}
     bad = [f"{k}={getattr(t, k)!r}" for k, v in unsupported.items() if getattr(t, k) != v]
     if (t.norm_kwargs or {}).get('eps', 1e-5) != 1e-5:
         bad.append(f"norm_kwargs={t.norm_kwargs}")
     if bad:
-        raise ValueError(f"OpenCLIP text tower with {', '.join(bad)}: ours is the OpenAI causal "
-                         f"transformer (EOT pooling, linear projection) only")
+        raise ValueError(f"OpenCLIP text tower with {', '.join(bad)}: ours is the OpenAI "
+                         f"transformer (linear projection) with CLIPA's options only")
+    interop_clipa.text_options(t)           # the mask / pooling / tokenizer options it has
     return t
 
 
@@ -106,8 +107,8 @@ def openclip_vit_spec(cfg):
     v = _vision_cfg(cfg)
     if isinstance(v.layers, (tuple, list)):
         raise ValueError(MODIFIED_RESNET)
-    unsupported = {'ls_init_value': None, 'attentional_pool': False, 'pos_embed_type': 'learnable',
-                   'pool_type': 'tok', 'act_kwargs': None, 'block_type': None, 'qk_norm': False,
+    unsupported = {'ls_init_value': None, 'pos_embed_type': 'learnable',
+                   'act_kwargs': None, 'block_type': None, 'qk_norm': False,
                    'scaled_cosine_attn': False, 'scale_heads': False, 'scale_attn_inner': False,
                    'scale_attn': False, 'scale_fc': False}
     bad = [f"{k}={getattr(v, k)!r}" for k, val in unsupported.items() if getattr(v, k) != val]
@@ -115,7 +116,9 @@ def openclip_vit_spec(cfg):
         bad.append(f"norm_kwargs={v.norm_kwargs}")
     if bad:
         raise ValueError(f"OpenCLIP ViT with {', '.join(bad)}: no timm ViT we build has it")
-    return {'width': v.width, 'layers': v.layers, 'heads': v.width // v.head_width,
+    pool, heads = interop_clipa.openclip_pool(v)
+    return {'pool': pool, 'pool_heads': heads, 'width': v.width, 'layers': v.layers,
+            'heads': v.width // v.head_width,
             'mlp_width': int(v.width * v.mlp_ratio), 'patch_size': v.patch_size,
             'image_size': _square(v.image_size), 'ln_pre': not v.no_ln_pre,
             'eps': (v.norm_kwargs or {}).get('eps', 1e-5),
@@ -130,25 +133,26 @@ def timm_vit_spec(tower):
         raise ValueError(f"{type(tower).__name__} is not a timm VisionTransformer")
     blk = tower.blocks[0]
     act = type(blk.mlp.act).__name__
-    checks = [(tower.cls_token is not None and tower.global_pool == 'token', 'class-token pooling'),
+    checks = [(tower.cls_token is not None, 'a class token'),
               (not tower.no_embed_class and getattr(tower, 'num_reg_tokens', 0) == 0, 'no register tokens'),
               (tower.pos_embed is not None and not tower.dynamic_img_size, 'a learned fixed-size position embedding'),
-              (isinstance(tower.fc_norm, nn.Identity) and tower.attn_pool is None, 'no fc_norm / attention pool'),
               (isinstance(tower.patch_embed.norm, nn.Identity), 'no patch-embedding norm'),
               (all(isinstance(getattr(b, n), nn.Identity) for b in tower.blocks for n in ('ls1', 'ls2'))
                and all(isinstance(getattr(b.attn, n, nn.Identity()), nn.Identity) for b in tower.blocks
                        for n in ('q_norm', 'k_norm', 'norm')), 'plain blocks (no layer scale, qk-norm)'),
               (blk.attn.qkv.bias is not None, 'a qkv bias'),
               (act == 'QuickGELU' or (act == 'GELU' and blk.mlp.act.approximate == 'none'), 'GELU or QuickGELU'),
-              (isinstance(tower.norm, nn.LayerNorm) and isinstance(tower.norm_pre, (nn.LayerNorm, nn.Identity)),
+              (isinstance(blk.norm1, nn.LayerNorm) and isinstance(tower.norm_pre, (nn.LayerNorm, nn.Identity)),
                'LayerNorm')]
     missing = [what for ok, what in checks if not ok]
     if missing:
         raise ValueError(f"this timm ViT lacks what OpenCLIP's ViT has: {', '.join(missing)}")
-    return {'width': tower.embed_dim, 'layers': len(tower.blocks), 'heads': blk.attn.num_heads,
+    pool, heads = interop_clipa.tower_pool(tower)
+    return {'pool': pool, 'pool_heads': heads, 'width': tower.embed_dim, 'layers': len(tower.blocks),
+            'heads': blk.attn.num_heads,
             'mlp_width': blk.mlp.fc1.out_features, 'patch_size': tower.patch_embed.patch_size[0],
             'image_size': _square(tower.patch_embed.img_size),
-            'ln_pre': isinstance(tower.norm_pre, nn.LayerNorm), 'eps': tower.norm.eps,
+            'ln_pre': isinstance(tower.norm_pre, nn.LayerNorm), 'eps': blk.norm1.eps,
             'act': 'quick_gelu' if act == 'QuickGELU' else 'gelu'}
 
 
@@ -157,7 +161,8 @@ def _spec_diff(want, have):
 
 
 def find_timm_vit(want):
-    """The timm model name whose ViT is exactly `want` (an openclip_vit_spec), or None."""
+    """The timm model name whose ViT is exactly `want` (an openclip_vit_spec) but for the
+    pooling, or None."""
     import timm
 
     import towers
@@ -169,8 +174,9 @@ def find_timm_vit(want):
         try:
             with torch.device('meta'):
                 tower = timm.create_model(name, pretrained=False, num_classes=0, img_size=want['image_size'])
-            if timm_vit_spec(tower) == want:
-                return name
+            have = timm_vit_spec(tower)
+            if all(have[k] == want[k] for k in want if k not in ('pool', 'pool_heads')):
+                return name         # the pooling is --image-pool's
         except Exception:                       # another family of ViT (no such kwargs, other layout)
             continue
     return None
@@ -183,22 +189,22 @@ def _is_text_key(k):
         'token_embedding.weight', 'positional_embedding', 'ln_final.weight', 'ln_final.bias', 'text_projection')
 
 
-def flags_for_openclip(name, cfg, text_only=False):
+def flags_for_openclip(name, cfg, text_only=False, tokenizer_dir=None):
     """create_model flags that rebuild the OpenCLIP architecture of `cfg` under our model `name`
     -> (flags, notes). When the preset's image tower is not the same function (e.g. VITB16's
     timm vit_base_patch16_224 has no ln_pre and LayerNorm eps 1e-6), the matching timm model
-    becomes the image tower (image_tower flag, main.py --image-tower)."""
+    becomes the image tower (image_tower flag, main.py --image-tower); a pooling other than the
+    preset's is --image-pool's. `tokenizer_dir`: the local tokenizer of a CLIPA text tower."""
     _, backbone, _ = models.parse_model_name(name)
+    preset = models.BACKBONES.get(backbone)
     t = _text_cfg(cfg)
-    if t.vocab_size != models.TextCfg.vocab_size:
-        raise ValueError(f"text vocabulary {t.vocab_size}: ours is fixed at {models.TextCfg.vocab_size}")
     flags = {'embed_dim': cfg['embed_dim'], 'transformer_width': t.width, 'transformer_heads': t.heads,
              'transformer_layers': t.layers, 'context_length': t.context_length,
-             'text_act': 'quick_gelu' if cfg.get('quick_gelu') else 'gelu', 'clip_proj_type': 'linear'}
+             'text_act': 'quick_gelu' if cfg.get('quick_gelu') else 'gelu', 'clip_proj_type': 'linear',
+             **interop_clipa.text_flags(t, preset.text, tokenizer_dir)}
     if text_only:
         return flags, [f"text tower only: the {backbone} image tower keeps its initialisation"]
     v = _vision_cfg(cfg)
-    preset = models.BACKBONES.get(backbone)
     if v.timm_model_name:
         import timm
         with torch.device('meta'):
@@ -208,7 +214,8 @@ def flags_for_openclip(name, cfg, text_only=False):
                              f"timm_proj_bias={v.timm_proj_bias}: ours keeps timm's own pooling and a "
                              f"bias-free linear projection (timm_pool '', timm_proj 'linear')")
         flags['image_size'] = _square(v.image_size)
-        if (preset.timm_name, preset.timm_kwargs, preset.no_stem_pool) != (v.timm_model_name, {}, False):
+        ours = (preset.timm_name, preset.timm_kwargs, preset.no_stem_pool, preset.pool)
+        if ours != (v.timm_model_name, {}, False, ''):
             flags['image_tower'] = v.timm_model_name
             return flags, [f"image tower: timm {v.timm_model_name} (image_tower; main.py --image-tower)"]
         return flags, []
@@ -218,21 +225,26 @@ def flags_for_openclip(name, cfg, text_only=False):
         return flags, []
     want = openclip_vit_spec(cfg)
     flags['image_size'] = want['image_size']
+    pool, pooled = interop_clipa.pool_flags(want, preset)
     with torch.device('meta'):
-        tower = models.build_image_tower(preset, want['image_size'])
+        tower = models.build_image_tower(pooled, want['image_size'], embed_dim=cfg['embed_dim'])
     try:
         diff = _spec_diff(want, timm_vit_spec(tower))
     except ValueError as e:
         diff = [str(e)]
     if not diff:
-        return flags, []
+        return {**flags, **pool}, []
     match = find_timm_vit(want)
     if match is None:
+        presets = interop_clipa.find_preset(want, want['image_size'])
         raise ValueError(f"the {backbone} tower differs from this OpenCLIP ViT ({'; '.join(diff)}) "
-                         f"and no timm ViT matches it exactly")
+                         f"and no timm ViT matches it exactly" +
+                         (f"; our preset {' / '.join(presets)} does: --model {name.replace(backbone, presets[0])}"
+                          if presets else ''))
     flags['image_tower'] = match
-    return flags, [f"image tower: timm {match} (image_tower; main.py --image-tower {match}): the "
-                   f"{backbone} preset differs ({'; '.join(diff)})"]
+    pool, _ = interop_clipa.pool_flags(want, models.BackboneCfg(match))   # --image-tower: timm's own pooling
+    return {**flags, **pool}, [f"image tower: timm {match} (image_tower; main.py --image-tower {match}): the "
+                               f"{backbone} preset differs ({'; '.join(diff)})"]
 
 
 def _timm_pool_is_default(pool, tower):
@@ -265,6 +277,10 @@ def load_openclip(model, state, cfg, text_only=False):
         visual, vused = _openclip_visual_to_ours(model, state, cfg)
         new.update(visual)
         used |= vused
+        queries = state.get('visual.attn_pool.query', torch.zeros(1)).shape[0]
+        if queries > 1:
+            notes.append(f"attention pool: its first of {queries} queries kept, the only one that reaches "
+                         f"the image embedding (queries do not interact)")
     ignored = OPENAI_IGNORED + (('visual.',) if text_only else ())
     leftover = sorted(k for k in state if k not in used and not k.startswith(ignored)
                       and not k.endswith('attn_mask'))
@@ -283,6 +299,7 @@ def _check_text(model, cfg):
     want = {'width': t.width, 'heads': t.heads, 'layers': t.layers, 'context_length': t.context_length,
             'quick_gelu': bool(cfg.get('quick_gelu'))}
     diff = [f"{k} {want[k]} (OpenCLIP) vs {have[k]} (ours)" for k in want if want[k] != have[k]]
+    diff += interop_clipa.text_differences(model, t)
     if diff:
         raise ValueError(f"text towers differ: {'; '.join(diff)}")
 
@@ -313,8 +330,7 @@ def _openclip_visual_to_ours(model, state, cfg):
 def _vit_from_openclip(oc, tower):
     """OpenCLIP VisionTransformer keys (no 'visual.') -> timm ViT keys."""
     out = {'patch_embed.proj.weight': oc['conv1.weight'], 'cls_token': oc['class_embedding'].view(1, 1, -1),
-           'pos_embed': oc['positional_embedding'].unsqueeze(0),
-           'norm.weight': oc['ln_post.weight'], 'norm.bias': oc['ln_post.bias']}
+           'pos_embed': oc['positional_embedding'].unsqueeze(0), **interop_clipa.head_from_openclip(oc, tower)}
     if tower.patch_embed.proj.bias is not None:
         out['patch_embed.proj.bias'] = torch.zeros_like(tower.patch_embed.proj.bias)
     if 'ln_pre.weight' in oc:
@@ -358,11 +374,12 @@ def _load(model, new, keep_prefixes=()):
 
 # ----------------------------------------------------------------------------- ours -> OpenCLIP
 
-def to_openclip(model):
+def to_openclip(model, tokenizer_dir=None):
     """-> (config, state dict, notes): an OpenCLIP CLIP model of the same function as our `model`'s
     z head. ViTs map to OpenCLIP's own VisionTransformer (patch-embedding bias folded into the
-    position embedding, no_ln_pre / norm eps set as needed); other timm towers to OpenCLIP's
-    timm adapter (TimmModel, timm_pool '', linear projection)."""
+    position embedding, no_ln_pre / norm eps / pooling set as needed); other timm towers to
+    OpenCLIP's timm adapter (TimmModel, timm_pool '', linear projection). `tokenizer_dir`: the
+    checkpoint's --text-tokenizer (CLIPA), named in the text config (interop_clipa.write_tokenizer)."""
     if getattr(model, 'text_tower', None) is not None:
         raise ValueError("a Hugging Face text tower has no OpenCLIP CLIP layout")
     if not isinstance(model.image_projection, nn.Linear):
@@ -371,7 +388,8 @@ def to_openclip(model):
     quick = c.act == 'quick_gelu'
     cfg = {'embed_dim': model.embed_dim, 'quick_gelu': quick,
            'vision_cfg': {}, 'text_cfg': {'context_length': c.context_length, 'vocab_size': c.vocab_size,
-                                          'width': c.width, 'heads': c.heads, 'layers': c.layers}}
+                                          'width': c.width, 'heads': c.heads, 'layers': c.layers,
+                                          **interop_clipa.export_text_cfg(c, tokenizer_dir)}}
     sd = model.state_dict()
     state = {k: v for k, v in sd.items() if _is_text_key(k)}
     state['logit_scale'] = sd['logit_scale']
@@ -391,6 +409,7 @@ def to_openclip(model):
             cfg['vision_cfg']['no_ln_pre'] = True
         if spec['eps'] != 1e-5:
             cfg['vision_cfg']['norm_kwargs'] = {'eps': spec['eps']}
+        cfg['vision_cfg'].update(interop_clipa.openclip_pool_cfg(spec['pool'], spec['pool_heads']))
         tower = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
         state.update({'visual.' + k: v for k, v in _vit_to_openclip(tower, model.visual).items()})
         state['visual.proj'] = sd['image_projection.weight'].t().contiguous()
@@ -427,8 +446,9 @@ def _timm_export_problem(model):
     b = model.backbone_cfg
     if b.builder is not None or not b.timm_name:
         return f"our {type(model.visual).__name__} tower is not a timm model"
-    if b.timm_kwargs or b.no_stem_pool:
-        return f"TimmModel builds {b.timm_name} with timm's defaults, ours with {b.timm_kwargs or 'no stem pool'}"
+    if b.timm_kwargs or b.no_stem_pool or b.pool:
+        return (f"TimmModel builds {b.timm_name} with timm's defaults, ours with "
+                f"{b.timm_kwargs or ('pool ' + b.pool if b.pool else 'no stem pool')}")
     import timm
     with torch.device('meta'):
         ref = timm.create_model(b.timm_name, pretrained=False)
@@ -446,8 +466,7 @@ def _vit_to_openclip(tower_sd, tower):
     if tower_sd.get('patch_embed.proj.bias') is not None:
         pos[1:] += tower_sd['patch_embed.proj.bias']
     out = {'conv1.weight': tower_sd['patch_embed.proj.weight'], 'class_embedding': tower_sd['cls_token'].reshape(-1),
-           'positional_embedding': pos, 'ln_post.weight': tower_sd['norm.weight'],
-           'ln_post.bias': tower_sd['norm.bias']}
+           'positional_embedding': pos, **interop_clipa.head_to_openclip(tower_sd, tower)}
     if 'norm_pre.weight' in tower_sd:
         out['ln_pre.weight'], out['ln_pre.bias'] = tower_sd['norm_pre.weight'], tower_sd['norm_pre.bias']
     for i in range(len(tower.blocks)):

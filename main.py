@@ -18,6 +18,7 @@ import torch
 
 import augment
 import checkpoint
+import clipa
 import datasets
 import engine
 import features
@@ -54,7 +55,8 @@ def get_args_parser():
                    help='text transformer depth (default: the preset, 12 for real towers; paper CC3M: 6)')
     g.add_argument('--transformer-width', type=int, default=None, help='text width (default 512)')
     g.add_argument('--transformer-heads', type=int, default=None, help='text heads (default 8)')
-    g.add_argument('--context-length', type=int, default=77, help='text tokens incl. SOT/EOT (77)')
+    g.add_argument('--context-length', type=int, default=None,
+                   help='text tokens incl. SOT/EOT (default: the preset; 77, CLIPA 32)')
     g.add_argument('--text-act', choices=['gelu', 'quick_gelu'], default=None,
                    help='text MLP activation (default gelu; quick_gelu = OpenAI CLIP / clip-rocket / SLIP)')
     g.add_argument('--logit-scale-init', type=float, default=None,
@@ -74,6 +76,7 @@ def get_args_parser():
                    help='torch.compile the model for the training step (checkpoints and evaluation '
                         'stay eager); ViT-B/16 on CPU: ~1.5 min compiling, then 1.0-1.08x faster')
     towers.add_args(parser)     # --image-tower, --image-pretrained, --text-tower, --lock-image, ...
+    clipa.add_args(parser)      # --image-pool, --text-tokenizer, --text-mask, --text-vocab-size
 
     g = parser.add_argument_group('CL2L base (CLIP🚀 and the methods on it)')
     g.add_argument('--num-augs', type=int, default=2,
@@ -224,7 +227,11 @@ def resolve_args(args):
     models.parse_model_name(args.model)                     # the name as given is valid
     args.model = methods.resolve_model_name(args.model, args)   # upstream spellings: --momentum
     args.base, args.backbone, args.method = models.parse_model_name(args.model)
+    preset = models.BACKBONES.get(args.backbone)
+    if args.context_length is None:
+        args.context_length = 77 if args.text_tower else preset.text.context_length
     towers.resolve_args(args)   # tower flags; --image-size from an --image-tower
+    clipa.resolve_args(args, preset)    # --image-pool, --text-tokenizer, ...
     if args.image_size is None:
         args.image_size = models.BACKBONES.get(args.backbone).image_size
     resolve_method_args(args)
@@ -334,6 +341,8 @@ def main(argv=None, args=None):
         args = parse_args(argv)
     elif not hasattr(args, 'method'):
         resolve_args(args)
+    if clipa.missing_tokenizer(vars(args)):     # before any work: a CLIPA preset needs its vocabulary
+        raise SystemExit(f"main.py: error: {clipa.missing_tokenizer(vars(args))}")
     device = utils.init_distributed(args.dist_backend)
     utils.keep_freed_memory()                   # big batches/activations reuse freed memory
     with rundir.claim(args.output_dir, exclusive=not args.evaluate) as run_lock:   # one run per directory

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import clipa
 import towers
 from heads import HeadCfg, mlp, projector
 from methods import METHODS, MethodSpec, check_flags
@@ -45,6 +46,8 @@ class BackboneCfg:
     min_image_size: int = 1      # smallest input the tower takes (a ViT's patch, a CNN's stride)
     image_size_step: int = 1     # input sizes must be multiples of this (1: any size)
     proj_bias: bool = False      # the linear image projection has a bias (OpenAI's attention-pool c_proj)
+    pool: str = ''               # ViTs: clipa.IMAGE_POOLS entry ('' = the timm model's own)
+    pool_heads: int = 8          # pool 'attn': heads (OpenCLIP's attn_pooler_heads default)
 
     @property
     def is_vit(self):
@@ -84,6 +87,16 @@ for _name, _cfg in {
     'RN50X4OAI': _openai_resnet('resnet50x4_clip', 288, 640, 640),
     'RN50X16OAI': _openai_resnet('resnet50x16_clip', 384, 768, 768),
     'RN50X64OAI': _openai_resnet('resnet50x64_clip', 448, 1024, 1024),
+    # OpenCLIP's ViT-*-CLIPA: timm's CLIP ViTs (LayerNorm eps 1e-5) without ln_pre, GAP after the final
+    # LayerNorm, CLIPA's text tower (BERT WordPiece, 32 tokens, bidirectional, last-token pooling)
+    **{name: BackboneCfg(timm_name, takes_img_size=True, min_image_size=14, pool='avg',
+                         timm_kwargs={'pre_norm': False}, embed_dim=width,
+                         text=TextCfg(32000, 32, width, heads, layers, mask='none', pool='last',
+                                      hf_tokenizer='bert-base-uncased'))
+       for name, timm_name, width, heads, layers in [
+           ('VITL14CLIPA', 'vit_large_patch14_clip_224', 768, 12, 12),
+           ('VITH14CLIPA', 'vit_huge_patch14_clip_224', 1024, 16, 24),
+           ('VITBIGG14CLIPA', 'vit_gigantic_patch14_clip_224', 1280, 20, 32)]},
     # small presets for the demo and the tests (sized so that `make demo` learns shape in ~5 CPU minutes)
     'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
                            channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
@@ -122,7 +135,7 @@ def list_models(pattern='*'):
 
 _TEXT_KEYS = {'transformer_width': 'width', 'transformer_heads': 'heads',
               'transformer_layers': 'layers', 'context_length': 'context_length',
-              'text_act': 'act'}
+              'text_act': 'act', 'text_mask': 'mask', 'text_vocab_size': 'vocab_size'}
 _HEAD_KEYS = tuple(HeadCfg.__dataclass_fields__)
 
 
@@ -134,15 +147,21 @@ def create_model(name, **overrides):
     logit_scale_init (initial exp(logit scale)), logit_bias_init (SigLIP), patch_dropout (ViTs),
     image_tower (a timm name replacing the backbone's), image_proj_bias (a bias in the linear image
     projection), text_tower + text_pooling (a Hugging Face encoder replacing the text transformer;
-    see towers.py).
+    see towers.py), image_pool (+ image_pool_heads), text_mask, text_vocab_size, text_pooling
+    eot/last (the built-in towers' options; clipa.py).
     """
     base, backbone, method = parse_model_name(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = BACKBONES.get(backbone)
     if 'image_tower' in overrides:      # any timm model replaces the backbone (towers.py)
-        cfg = replace(cfg, **towers.timm_backbone_fields(overrides.pop('image_tower')))
+        cfg = replace(cfg, pool='', **towers.timm_backbone_fields(overrides.pop('image_tower')))
     if 'image_proj_bias' in overrides:  # a biased image projection (train-CLIP imports)
         cfg = replace(cfg, proj_bias=overrides.pop('image_proj_bias'))
+    if 'image_pool' in overrides:       # clipa.py: GAP / attention-pooled ViTs
+        clipa.check_vit(cfg, 'image_pool')
+        cfg = replace(cfg, pool=overrides.pop('image_pool'))
+    if 'image_pool_heads' in overrides:
+        cfg = replace(cfg, pool_heads=overrides.pop('image_pool_heads'))
     text_cfg = replace(cfg.text, **{_TEXT_KEYS[k]: overrides.pop(k)
                                     for k in list(overrides) if k in _TEXT_KEYS})
     text_tower = None
@@ -151,7 +170,10 @@ def create_model(name, **overrides):
                                         text_cfg.context_length)
         text_cfg = replace(text_cfg, width=text_tower.width, vocab_size=text_tower.vocab_size)
     elif 'text_pooling' in overrides:
-        raise ValueError("text_pooling goes with text_tower (the built-in text tower pools its EOT token)")
+        if overrides['text_pooling'] not in clipa.TEXT_POOLS:
+            raise ValueError(f"text_pooling {overrides['text_pooling']!r} goes with text_tower; the built-in "
+                             f"text tower pools {' or '.join(clipa.TEXT_POOLS)}")
+        text_cfg = replace(text_cfg, pool=overrides.pop('text_pooling'))
     head_cfg = replace(HeadCfg(**cfg.heads), **{k: overrides.pop(k)
                                                 for k in list(overrides) if k in _HEAD_KEYS})
     check_flags(method, overrides)      # e.g. a logit bias only for a method that has one
@@ -168,7 +190,7 @@ def create_model(name, **overrides):
         raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
                          f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}, "
                          f"logit_scale_init, logit_bias_init, patch_dropout, image_tower, "
-                         f"image_proj_bias, text_tower, text_pooling")
+                         f"image_proj_bias, text_tower, text_pooling, image_pool, image_pool_heads")
     model.model_name = name
     return model
 
@@ -177,7 +199,8 @@ def create_model_from_flags(name, flags):
     """Build from main.py's flags (a dict or Namespace, e.g. a checkpoint's `args`)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
     keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init',
-            'patch_dropout', 'image_tower', 'image_proj_bias', 'text_tower', 'text_pooling']
+            'patch_dropout', 'image_tower', 'image_proj_bias', 'text_tower', 'text_pooling', 'image_pool',
+            'image_pool_heads']
     return create_model(name, proj_type=flags.get('clip_proj_type'),
                         **{k: flags.get(k) for k in keys})
 
@@ -219,9 +242,10 @@ class TinyCNN(nn.Module):
         return x.mean(dim=(2, 3))                                         # [B, C]
 
 
-def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 0.0):
+def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 0.0, embed_dim: int = 0):
     """The image tower; `patch_dropout` (ViTs only): fraction of patch tokens dropped at random
-    in training (FLIP / CLIPA image token reduction, timm's PatchDropout)."""
+    in training (FLIP / CLIPA image token reduction, timm's PatchDropout); `embed_dim`: the
+    width of an attention pool (cfg.pool 'attn', OpenCLIP's: the joint embedding size)."""
     if patch_dropout and not cfg.is_vit:
         raise ValueError(f"--patch-dropout drops ViT patch tokens; {cfg.timm_name or 'this backbone'} "
                          f"is not a ViT (use a VIT* backbone)")
@@ -236,7 +260,11 @@ def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 
         kwargs['img_size'] = image_size
     if patch_dropout:
         kwargs['patch_drop_rate'] = patch_dropout
+    if cfg.pool:
+        kwargs.update(clipa.timm_pool_kwargs(cfg.pool))
     tower = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **kwargs)
+    if cfg.pool == 'attn':
+        clipa.attach_attention_pool(tower, embed_dim, cfg.pool_heads)
     if cfg.no_stem_pool:
         tower.maxpool = nn.Identity()
     return tower
@@ -270,7 +298,7 @@ class CLIP(nn.Module):
         method_cfg = method_cfg or METHODS.get('CLIP')
         self.backbone_cfg, self.text_cfg, self.head_cfg = backbone, text_cfg, head_cfg
         self.embed_dim, self.image_size = embed_dim, image_size
-        self.visual = build_image_tower(backbone, image_size, patch_dropout)
+        self.visual = build_image_tower(backbone, image_size, patch_dropout, embed_dim)
         self.vision_width = vision_width = self.visual.num_features
         self.image_projection = (nn.Linear(vision_width, embed_dim, bias=backbone.proj_bias)
                                  if proj_type == 'linear' else
@@ -316,6 +344,10 @@ class CLIP(nn.Module):
     def text_features(self, text, local=False):
         if self.text_tower is not None:
             return self.text_tower(text)                                # [B, width]
+        if (self.text_cfg.mask, self.text_cfg.pool) != ('causal', 'eot'):   # CLIPA: every position counts
+            x = self.token_embedding(text) + self.positional_embedding[:text.shape[1]]
+            x = self.ln_final(self.transformer(x, local))               # [B, L, width]
+            return x[:, -1] if self.text_cfg.pool == 'last' else x[torch.arange(x.shape[0]), text.argmax(-1)]
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id

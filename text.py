@@ -36,6 +36,29 @@ class Tokenizer:
         return self.bpe.decode(ids).strip()
 
 
+class LocalHFTokenizer:
+    """A local Hugging Face tokenizer directory for the built-in text transformer (main.py
+    --text-tokenizer; CLIPA: bert-base-uncased's WordPiece vocab.txt): OpenCLIP's HFTokenizer with
+    CLIPA's `strip_sep_token` (the end token becomes padding id 0), so tokens equal what
+    open_clip.get_tokenizer gives a CLIPA model. Read from `path` only, never downloaded."""
+
+    def __init__(self, path, context_length=32):
+        import os
+        from open_clip.tokenizer import HFTokenizer
+        if not os.path.isdir(path):
+            raise ValueError(f"--text-tokenizer {path!r}: not a directory")
+        os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')     # loader workers fork
+        self.hf = HFTokenizer(path, context_length=context_length, strip_sep_token=True, local_files_only=True)
+        self.context_length = context_length
+        self.vocab_size = len(self.hf.tokenizer)
+
+    def __call__(self, texts):
+        return self.hf(texts).long()                                    # [N, context_length]
+
+    def decode(self, tokens):
+        return self.hf.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True).strip()
+
+
 def _fast_clean(clean):
     """open_clip's caption clean (ftfy, HTML unescape twice, white space, lower case) with a
     shortcut for printable ASCII without '&', where ftfy and unescaping change nothing

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 PAD = -1                      # token id of padding in HFTokenizer output (-> attention mask)
 POOLINGS = ('mean', 'cls', 'pooler')
+BUILTIN_POOLINGS = ('eot', 'last')     # the built-in text transformer's (clipa.TEXT_POOLS)
 TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json', 'spiece.model',
                    'sentencepiece.bpe.model', 'tokenizer.model')
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json',
@@ -41,9 +42,10 @@ def add_args(parser):
     g.add_argument('--text-tower', default=None, metavar='PATH',
                    help='Hugging Face encoder as the text tower: a local directory (config, weights, '
                         'tokenizer) or a config.json (random init; tokenizer files beside it)')
-    g.add_argument('--text-pooling', choices=POOLINGS, default=None,
+    g.add_argument('--text-pooling', choices=POOLINGS + BUILTIN_POOLINGS, default=None,
                    help='--text-tower pooling: mean over non-pad tokens (default), cls (first token) '
-                        "or pooler (the model's pooler output, train-CLIP's default)")
+                        "or pooler (the model's pooler output, train-CLIP's default); the built-in "
+                        'tower: eot (default) or last (the last position: CLIPA)')
     g.add_argument('--avg-word-embs', action='store_true',
                    help="train-CLIP's spelling of --text-pooling mean (mean of the output token embeddings)")
     g.add_argument('--lock-image', action='store_true',
@@ -88,10 +90,13 @@ def _resolve_text_args(args):
             raise ValueError(f"--avg-word-embs is --text-pooling mean; it contradicts --text-pooling {args.text_pooling}")
         args.text_pooling = 'mean'
     if not args.text_tower:
-        if args.text_pooling:
-            raise ValueError("--text-pooling / --avg-word-embs go with --text-tower "
-                             "(the built-in text tower pools its EOT token)")
+        if args.text_pooling and args.text_pooling not in BUILTIN_POOLINGS:
+            raise ValueError(f"--text-pooling {args.text_pooling} / --avg-word-embs go with --text-tower "
+                             f"(the built-in text tower pools {' or '.join(BUILTIN_POOLINGS)})")
         return
+    if args.text_pooling in BUILTIN_POOLINGS:
+        raise ValueError(f"--text-pooling {args.text_pooling} is the built-in text tower's; "
+                         f"a --text-tower pools {', '.join(POOLINGS)}")
     check_text_tower_path(args.text_tower)
     args.text_pooling = args.text_pooling or 'mean'
     builtin = [f for f in ('transformer_layers', 'transformer_width', 'transformer_heads')
@@ -397,12 +402,18 @@ def lock_text(model, unlocked_layers=0):
 
 def tokenizer_for(flags):
     """The tokenizer of a run's text tower from its flags (a Namespace or a checkpoint's `args`):
-    HFTokenizer with --text-tower, else the OpenAI CLIP BPE (text.Tokenizer)."""
+    HFTokenizer with --text-tower, text.LocalHFTokenizer with --text-tokenizer, else the OpenAI
+    CLIP BPE (text.Tokenizer)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
     context_length = flags.get('context_length') or 77
+    import clipa
+    if clipa.missing_tokenizer(flags):
+        raise ValueError(clipa.missing_tokenizer(flags))
     if flags.get('text_tower'):
         return HFTokenizer(flags['text_tower'], context_length)
     import text
+    if flags.get('text_tokenizer'):                 # the built-in tower on another vocabulary (clipa.py)
+        return text.LocalHFTokenizer(flags['text_tokenizer'], context_length)
     return text.Tokenizer(context_length)
 
 

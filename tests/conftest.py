@@ -19,6 +19,61 @@ def tokenizer():
     return datasets.Tokenizer()
 
 
+@pytest.fixture(scope='session')
+def wordpiece(tmp_path_factory):
+    """A local tokenizer directory as a copy of bert-base-uncased holds it (vocab.txt,
+    tokenizer.json, tokenizer_config.json), with a tiny WordPiece vocabulary: every word of
+    `shapes`' captions, class names and templates, the tests' captions, digits (CLIPA's text
+    tower reads such a directory)."""
+    import re
+    from transformers import BertTokenizerFast
+    import shapes
+    words = set(shapes.caption_vocabulary())
+    for text in shapes.TEMPLATES + list(shapes.CLASSNAMES) + ['a photo of a cat', 'a diagram of a red square',
+                                                               'a view of a thing number x', *'0123456789']:
+        words |= set(re.findall(r'[a-z0-9]+', text.lower().replace('{}', ' ')))
+    d = tmp_path_factory.mktemp('wordpiece')
+    vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *sorted(words), *'.,-']
+    (d / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+    BertTokenizerFast(str(d / 'vocab.txt'), do_lower_case=True).save_pretrained(str(d))
+    return str(d)
+
+
+def text_tokenizer_of(model, tokenizer, wordpiece):
+    """The tokenizer the model's text tower reads: CLIPA presets a WordPiece vocabulary."""
+    import text
+    if model.text_cfg.hf_tokenizer:
+        return text.LocalHFTokenizer(wordpiece, model.text_cfg.context_length)
+    return tokenizer
+
+
+HUGE_TOWER = 4e8    # image-tower parameters above which the model tests train 2 of its blocks
+
+
+def shallow_if_huge(monkeypatch, backbone):
+    """Register `backbone` with its image tower cut to 2 blocks when it has over HUGE_TOWER
+    parameters (ViT-H/14, ViT-bigG/14: 0.6-1.8 B; the tests check the per-block structure, which
+    2 blocks have, and 7-20 GB of weights and gradients do not fit a shared CPU test)."""
+    from dataclasses import replace
+    import torch
+    import models
+    cfg = models.BACKBONES[backbone]
+    with torch.device('meta'):
+        size = sum(p.numel() for p in models.build_image_tower(cfg, cfg.image_size).parameters())
+    if size > HUGE_TOWER:
+        register_backbone(monkeypatch, backbone, replace(cfg, timm_kwargs={**cfg.timm_kwargs, 'depth': 2}))
+
+
+def register_backbone(monkeypatch, name, cfg):
+    """models.BACKBONES with `name` -> `cfg` for this test only (a copy of the registry)."""
+    import models
+    import utils
+    registry = utils.Registry('backbone')
+    registry.update(models.BACKBONES)
+    registry[name] = cfg
+    monkeypatch.setattr(models, 'BACKBONES', registry)
+
+
 def unzero_norms(model):
     """Give zero-initialised residual norms (timm ResNet's last BN per block) non-zero scales,
     so that one backward pass reaches every parameter."""

@@ -19,7 +19,7 @@ import losses
 import main as train
 import methods
 import models
-from conftest import params_without_grad, unzero_norms
+from conftest import params_without_grad, shallow_if_huge, text_tokenizer_of, unzero_norms
 
 TINY = ('TINYVIT', 'TINYCNN')
 # One small configuration per registered method (model name + flags), exercising every term of
@@ -55,14 +55,16 @@ def _params(name):
 
 
 @pytest.mark.parametrize('name', [_params(n) for n in models.list_models()])
-def test_every_combination_trains(name, tokenizer):
+def test_every_combination_trains(name, tokenizer, wordpiece, monkeypatch):
     torch.manual_seed(0)
+    shallow_if_huge(monkeypatch, name.split('_')[1])
     backbone = models.BACKBONES[name.split('_')[1]]
     kw = {} if name.split('_')[1] in TINY else dict(SMALL_HEADS, transformer_layers=1)
     model = models.create_model(name, image_size=min(backbone.image_size, 64),
                                 separate_proj=True, **kw)
     unzero_norms(model)
-    terms = methods.build_loss(train.parse_args(['--model', name]))(model(_batch(model, tokenizer)))
+    batch = _batch(model, text_tokenizer_of(model, tokenizer, wordpiece))
+    terms = methods.build_loss(train.parse_args(['--model', name]))(model(batch))
     assert all(torch.isfinite(v).all() for v in terms.values()), terms
     terms['loss'].backward()
     missing = params_without_grad(model)

@@ -8,7 +8,7 @@ import torch
 import losses
 import models
 import text_transformer
-from conftest import params_without_grad, unzero_norms
+from conftest import params_without_grad, shallow_if_huge, text_tokenizer_of, unzero_norms
 
 REAL_SMALL_RES = 64          # real towers run at a small resolution to keep the test fast
 HUGE_TOWER = 150e6           # image towers this big take ~30 s and more to build and train once on CPU
@@ -32,13 +32,14 @@ def _batch(model, tokenizer, n=4):
 
 
 @pytest.mark.parametrize('backbone', _backbone_cases())
-def test_every_backbone_trains(backbone, tokenizer):
+def test_every_backbone_trains(backbone, tokenizer, wordpiece, monkeypatch):
     name = f'CLIP_{backbone}_CLIP'
+    shallow_if_huge(monkeypatch, backbone)
     size = min(models.BACKBONES[backbone].image_size, REAL_SMALL_RES)
     torch.manual_seed(0)
     model = models.create_model(name, image_size=size, transformer_layers=2)
     unzero_norms(model)
-    out = model(_batch(model, tokenizer))
+    out = model(_batch(model, text_tokenizer_of(model, tokenizer, wordpiece)))
     assert out['image_embed'].shape == out['text_embed'].shape == (4, model.embed_dim)
     assert torch.allclose(out['image_embed'].norm(dim=-1), torch.ones(4), atol=1e-5)
     terms = losses.CLIPLoss()(out)

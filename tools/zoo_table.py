@@ -27,14 +27,19 @@ def count(model, fn, *inputs):
 def row(backbone, tokens):
     cfg = models.BACKBONES[backbone]
     size = cfg.image_size
-    model = models.create_model(f'CLIP_{backbone}_CLIP').eval()
+    with torch.device('meta'):          # weights left uninitialised: counts do not depend on them,
+        model = models.create_model(f'CLIP_{backbone}_CLIP')   # and ViT-bigG's 2.5 B are built in seconds
+    model = model.to_empty(device='cpu').eval()
+    if cfg.text.hf_tokenizer:           # CLIPA: a full WordPiece context (every position is computed)
+        tokens = torch.ones(1, cfg.text.context_length, dtype=torch.long)
     img_params = sum(p.numel() for p in model.visual.parameters()) / 1e6
     txt_params = sum(p.numel() for n, p in model.named_parameters()
                      if n.split('.')[0] in ('token_embedding', 'positional_embedding',
                                             'transformer', 'ln_final')) / 1e6
     img_flops = count(model, model.encode_image, torch.randn(1, 3, size, size))
     txt_flops = count(model, model.encode_text, tokens)
-    return (f"| `{backbone}` | {cfg.timm_name or 'TinyCNN'} | {size} | {img_params:.3g} M | "
+    img_params = f'{img_params:.3g}' if img_params < 1000 else f'{img_params:.0f}'    # not 1.84e+03
+    return (f"| `{backbone}` | {cfg.timm_name or 'TinyCNN'} | {size} | {img_params} M | "
             f"{img_flops:.3g} | {txt_params:.1f} M | {txt_flops:.3g} |")
 
 
@@ -43,7 +48,8 @@ if __name__ == '__main__':
         print(methods.markdown_table())
         sys.exit()
     tokens = text.Tokenizer()(['x ' * 75])          # a full 77-token caption
-    print('| backbone | timm model | px | image params | image GFLOPs | text params | text GFLOPs (77 tok) |')
+    print('| backbone | timm model | px | image params | image GFLOPs | text params | '
+          'text GFLOPs (77 tok; CLIPA 32) |')
     print('|---|---|---|---|---|---|---|')
     for name in models.BACKBONES:
         print(row(name, tokens))
