@@ -286,7 +286,7 @@ def load_openclip(model, state, cfg, text_only=False):
                       and not k.endswith('attn_mask'))
     if leftover:
         raise ValueError(f"{len(leftover)} checkpoint tensors have no place in our model: {leftover[:6]}")
-    keep = ('h_', 'method_head.', 'teacher.') + (('visual.', 'image_projection.') if text_only else ())
+    keep = ('h_', 'method_head.', 'teacher.', 'sd_logit_scale') + (('visual.', 'image_projection.') if text_only else ())
     return notes + _load(model, new, keep)
 
 
@@ -423,7 +423,8 @@ def to_openclip(model, tokenizer_dir=None):
         state.update({'visual.trunk.' + k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')})
         state['visual.head.proj.weight'] = sd['image_projection.weight']
     dropped = sorted({k.split('.')[0] for k in sd if k.split('.')[0] in ('h_image_projection', 'h_text_projection',
-                                                                         'h_logit_scale', 'method_head', 'teacher')})
+                                                                         'h_logit_scale', 'method_head', 'teacher',
+                                                                         'sd_logit_scale')})
     notes = [f"not exported (no OpenCLIP equivalent; zero-shot uses the z head): {', '.join(dropped)}"
              ] if dropped else []
     return cfg, state, notes

@@ -55,6 +55,10 @@ class CLIPLoss(nn.Module):
         image, text = outputs['image_embed'], outputs['text_embed']        # [b, D] normalised
         scale = outputs['logit_scale']
         all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # [N*b, D]
+        return self.terms(image, text, all_image, all_text, scale)
+
+    def terms(self, image, text, all_image, all_text, scale):
+        """The loss terms of this rank's embeddings against the gathered ones."""
         labels = local_labels(image)
         logits_per_image = scale * image @ all_text.t()                      # [b, N*b]
         logits_per_text = scale * text @ all_image.t()
@@ -200,6 +204,51 @@ class SwALIPLoss(CL2LLoss):
         swalip = swalip / V ** 2
         return {**terms, 'loss': terms['loss'] + self.weight * swalip,
                 'swalip_loss': swalip.detach()}
+
+
+@torch.no_grad()
+def self_distillation_targets(teacher_image, teacher_text, epsilon=0.05, iters=3):
+    """Soft image->text and text->image targets [b, N*b] of this rank's samples (Cheng et al.
+    2021): Sinkhorn-Knopp transport plans for the teacher's costs -(S_ii + S_tt + S_it) and
+    -(S_ii + S_tt + S_ti), S the cosine similarities over the gathered batch. The plan of a cost
+    C has the kernel exp(-C / epsilon), so similar pairs get the mass (train-CLIP's kernel is
+    exp(+C / epsilon): docs/zoo.md)."""
+    all_image, all_text = gather_with_grad(teacher_image), gather_with_grad(teacher_text)
+    same_modality = teacher_image @ all_image.t() + teacher_text @ all_text.t()   # S_ii + S_tt
+    image_to_text = sinkhorn_knopp(same_modality + teacher_image @ all_text.t(), epsilon, iters)
+    text_to_image = sinkhorn_knopp(same_modality + teacher_text @ all_image.t(), epsilon, iters)
+    return image_to_text, text_to_image
+
+
+def kl_to_targets(targets, logits):
+    """KL(targets || softmax(logits)) per row, averaged over the rows: the KL of distributions,
+    from log-probabilities (train-CLIP passed raw logits to F.kl_div at first: docs/zoo.md)."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    return (torch.xlogy(targets, targets) - targets * log_probs).sum(-1).mean()
+
+
+class SDCLIPLoss(CLIPLoss):
+    """CLIP + self-distillation (Cheng et al. 2021; train-CLIP's CustomCLIPWrapper): the
+    student's cosine similarities times a learnable temperature (`sd_logit_scale`) are pulled
+    towards Sinkhorn targets from the EMA teacher's embeddings (`*_embed_teacher`) by
+    kl_coeff x (KL image->text + KL text->image) / 2, over the global batch."""
+
+    def __init__(self, label_smoothing=0.0, avg_or_sum='avg', kl_coeff=1.0, epsilon=0.05, iters=3):
+        super().__init__(label_smoothing, avg_or_sum)
+        self.kl_coeff, self.epsilon, self.iters = kl_coeff, epsilon, iters
+
+    def forward(self, out):
+        image, text, temperature = out['image_embed'], out['text_embed'], out['sd_logit_scale']
+        all_image, all_text = gather_with_grad(image), gather_with_grad(text)
+        terms = self.terms(image, text, all_image, all_text, out['logit_scale'])
+        target_i2t, target_t2i = self_distillation_targets(
+            out['image_embed_teacher'], out['text_embed_teacher'], self.epsilon, self.iters)
+        kl_i2t = kl_to_targets(target_i2t, temperature * image @ all_text.t())
+        kl_t2i = kl_to_targets(target_t2i, temperature * text @ all_image.t())
+        sd_loss = (kl_i2t + kl_t2i) / 2
+        return {**terms, 'loss': terms['loss'] + self.kl_coeff * sd_loss, 'sd_loss': sd_loss.detach(),
+                'sd_kl_i2t': kl_i2t.detach(), 'sd_kl_t2i': kl_t2i.detach(),
+                'sd_logit_scale': temperature.detach()}
 
 
 class SigLIPLoss(nn.Module):

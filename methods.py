@@ -41,9 +41,10 @@ class MethodSpec:
     why_not: str = ''            # explanation when used with another base
     params: type = NoParams      # dataclass of its own flags (`flag` fields): its argparse group
     head: Optional[Callable] = None      # head(image_dim, text_dim, HeadCfg) -> nn.Module (CL2L)
-    ema_teacher: bool = False    # the model keeps an EMA teacher of itself (BYOL)
+    ema_teacher: bool = False    # the model keeps an EMA teacher of itself (BYOLIP, SDCLIP)
     logit_scale_init: float = 1 / 0.07   # initial exp(logit_scale)
     logit_bias_init: Optional[float] = None  # learnable logit bias (SigLIP)
+    distill_scale_init: Optional[float] = None  # initial exp(sd_logit_scale): a distillation temperature (SDCLIP)
     selected_by: Optional[tuple] = None  # (method, predicate(args)): an upstream spelling of this one
     resolve: Optional[Callable] = None   # resolve(args): derived values of its flags (in parse_args)
     validate: Optional[Callable] = None  # validate(args): ValueError on bad flag combinations
@@ -99,10 +100,28 @@ class BarLIPParams:
 
 
 @dataclass(frozen=True)
-class SwALIPParams:
+class SinkhornParams:
+    sk_iters: int = flag(3, 'SWALIP / SDCLIP Sinkhorn-Knopp iterations (3)')
+    target_epsilon: float = flag(0.05, 'SWALIP / SDCLIP Sinkhorn entropy epsilon (0.05)')
+
+
+@dataclass(frozen=True)
+class SwALIPParams(SinkhornParams):
     swalip_weight: float = flag(0.2, 'SwALIP loss weight (0.2)')
-    sk_iters: int = flag(3, 'SwALIP Sinkhorn-Knopp iterations (3)')
-    target_epsilon: float = flag(0.05, 'SwALIP Sinkhorn entropy epsilon (0.05)')
+
+
+@dataclass(frozen=True)
+class SDCLIPParams(SinkhornParams):
+    kl_coeff: float = flag(1.0, 'SDCLIP weight of the self-distillation KL term (1.0)',
+                           check=('>= 0', lambda v: v >= 0))
+    sdclip_momentum_tau: float = flag(0.999, 'SDCLIP teacher EMA rate (0.999)',
+                                      check=('in (0, 1)', lambda v: 0 < v < 1))
+
+    @property
+    def momentum_tau(self):
+        """The rate under the name the EMA teacher's update reads (BYOLIP's flag; its 0.99 default
+        is not SDCLIP's 0.999, hence a flag of its own)."""
+        return self.sdclip_momentum_tau
 
 
 def _momentum_sets_tau(args):
@@ -169,6 +188,18 @@ for _spec in [
                idea='pairwise sigmoid loss, learnable temperature and bias initialised at log 10 and −10 '
                     '(our addition)',
                paper='Zhai et al., ICCV 2023', loss_doc='`SigLIPLoss`'),
+    MethodSpec('SDCLIP', ('CLIP',),
+               lambda a, p: losses.SDCLIPLoss(**_common(a), kl_coeff=p.kl_coeff, epsilon=p.target_epsilon,
+                                              iters=p.sk_iters),
+               why_not="its teacher targets are defined on the global image-caption pairs: use "
+                       "CLIP_<backbone>_SDCLIP",
+               params=SDCLIPParams, ema_teacher=True, distill_scale_init=1 / 0.07,
+               after_step=ema_teacher_update,
+               idea='CLIP + `--kl-coeff` (1) × KL(targets ‖ softmax(τ·cos)), image→text and text→image; '
+                    'targets: the Sinkhorn-Knopp plan (3 iterations, ε 0.05) of an EMA teacher\'s '
+                    '(`--sdclip-momentum-tau` 0.999) cost −(S_ii + S_tt + S_it) over the gathered batch; τ '
+                    'learnable from 1/0.07 ([differences from train-CLIP](#sdclip-and-train-clip))',
+               paper='Cheng et al. 2021 (train-CLIP\'s `CustomCLIPWrapper`)', loss_doc='`SDCLIPLoss`'),
 ]:
     METHODS.register(_spec.name, _spec)
 

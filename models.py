@@ -186,6 +186,8 @@ def create_model(name, **overrides):
         proj_type=overrides.pop('proj_type', cfg.proj_type),
         image_size=overrides.pop('image_size', cfg.image_size),
         patch_dropout=overrides.pop('patch_dropout', 0.0), text_tower=text_tower)
+    if method_cfg.ema_teacher:
+        model.attach_ema_teacher()
     if overrides:
         raise ValueError(f"unknown model overrides {sorted(overrides)}; valid: embed_dim, "
                          f"proj_type, image_size, {', '.join(_TEXT_KEYS)}, {', '.join(_HEAD_KEYS)}, "
@@ -315,6 +317,9 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.logit_scale_init)))
         if method_cfg.logit_bias_init is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(method_cfg.logit_bias_init)))
+        if method_cfg.distill_scale_init is not None:    # clamped like the logit scale (after_step)
+            self.sd_logit_scale = nn.Parameter(torch.tensor(math.log(method_cfg.distill_scale_init)))
+        self.teacher = None             # an EMA teacher: create_model attaches it (attach_ema_teacher)
         self._init_text()
         if backbone.channels_last:
             self.visual.to(memory_format=torch.channels_last)
@@ -383,7 +388,21 @@ class CLIP(nn.Module):
                'logit_scale': self.logit_scale.exp()}
         if hasattr(self, 'logit_bias'):
             out['logit_bias'] = self.logit_bias
+        if hasattr(self, 'sd_logit_scale'):
+            out['sd_logit_scale'] = self.sd_logit_scale.exp()
+        if self.teacher is not None:    # SDCLIP: the EMA teacher embeds the same batch
+            with torch.no_grad():
+                out['image_embed_teacher'] = self.teacher.encode_image(batch['image'])
+                out['text_embed_teacher'] = self.teacher.encode_text(batch['text'])
         return out
+
+    def attach_ema_teacher(self):
+        """Give the model an EMA teacher (methods with `ema_teacher`): a frozen copy of the
+        whole model, made once every part of it is built; the method's step hook updates it
+        (methods.ema_teacher_update)."""
+        teacher = copy.deepcopy(self)
+        teacher.requires_grad_(False)
+        self.teacher = teacher
 
     # -- training hooks
     @torch.no_grad()
@@ -439,11 +458,6 @@ class CL2L(CLIP):
             self.h_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
         self.method_head = (method_cfg.head(self.vision_width, text_cfg.width, cfg)
                             if method_cfg.head else None)
-        self.teacher = None             # updated by the method's step hook (methods.ema_teacher_update)
-        if method_cfg.ema_teacher:
-            teacher = copy.deepcopy(self)
-            teacher.requires_grad_(False)
-            self.teacher = teacher
 
     def project_image(self, feats, head='z'):
         if head == 'h' and self.head_cfg.separate_proj:

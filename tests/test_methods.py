@@ -34,6 +34,7 @@ METHOD_CASES = {
     'BARLIP': ['CL2L_TINYVIT_BARLIP', '--separate-proj', '--label-smoothing', '0.1'],
     'SWALIP': ['CL2L_TINYVIT_SWALIP', '--num-augs', '2'],
     'SIGLIP': ['CLIP_TINYVIT_SIGLIP'],
+    'SDCLIP': ['CLIP_TINYVIT_SDCLIP', '--label-smoothing', '0.1', '--kl-coeff', '0.5', '--sk-iters', '2'],
 }
 SMALL_HEADS = dict(clip_hidden_dim=64, barlip_hidden_dim=64, barlip_proj_dim=64,
                    siamlip_hidden_dim=64, siamlip_proj_dim=32)
@@ -71,7 +72,7 @@ def test_every_combination_trains(name, tokenizer, wordpiece, monkeypatch):
     assert not missing, f'trainable parameters without gradient: {missing[:8]}'
     teacher = [p for n, p in model.named_parameters() if n.startswith('teacher.')]
     assert all(not p.requires_grad and p.grad is None for p in teacher)
-    assert bool(teacher) == name.endswith('_BYOLIP')
+    assert bool(teacher) == methods.METHODS[name.split('_')[2]].ema_teacher
 
 
 @pytest.mark.parametrize('name, fragment', [
@@ -79,6 +80,7 @@ def test_every_combination_trains(name, tokenizer, wordpiece, monkeypatch):
     ('CL2L_TINYVIT_CLIP', 'use method CL2L'),
     ('CL2L_TINYVIT_SIGLIP', 'sigmoid'),
     ('CLIP_TINYVIT_BARLIP', 'augmented views'),
+    ('CL2L_TINYVIT_SDCLIP', 'global image-caption pairs'),
 ])
 def test_nonsense_combinations_say_why(name, fragment):
     with pytest.raises(ValueError, match=fragment):
