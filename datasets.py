@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 import augment
+import multiscale
 import readers
 import shapes
 import streaming
@@ -98,8 +99,9 @@ class ShapesCaptions(Dataset):
 def _is_plain_clip(builder):
     """True when builder(image, captions, seed) is just {uint8 image, one of the captions}
     (augment.plain_transform, no views, no text augmentation)."""
-    return (isinstance(builder.image_transform, augment.PlainImage) and not getattr(builder, 'view_transforms', None)
-            and getattr(builder, 'text_augment', None) is None)
+    return (isinstance(builder, augment.SampleBuilder)          # not a multiscale.SizedBuilder
+            and isinstance(builder.image_transform, augment.PlainImage)
+            and not getattr(builder, 'view_transforms', None) and getattr(builder, 'text_augment', None) is None)
 
 
 class ShapesLabels(Dataset):
@@ -180,6 +182,8 @@ def add_format_args(parser):
 
 
 def _builder(args, tokenizer, plain=False):
+    if multiscale.enabled(args):                 # a builder per size of the step (multiscale.py)
+        return multiscale.SizedBuilder(args, tokenizer, plain_images=plain)
     return augment.SampleBuilder.from_args(args, tokenizer, plain_images=plain)
 
 
@@ -430,8 +434,12 @@ def build_loader(dataset, args):
                   prefetch_factor=args.prefetch_factor if workers > 0 else None,
                   worker_init_fn=augment.fresh_wordnet_files if workers > 0 else None)
     if isinstance(dataset, streaming.StreamReader):
+        if multiscale.enabled(args):
+            dataset.schedule = multiscale.Schedule.from_args(args)
         return StreamControl(dataset), utils.StopSafeLoader(dataset, batch_size=None, **common)
     sampler = ResumableSampler(len(dataset), seed=args.seed, num_samples=args.train_num_samples)
+    if multiscale.enabled(args):
+        return multiscale.map_loader(dataset, sampler, args, common)
     loader = utils.StopSafeLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
         generator=torch.Generator().manual_seed(args.seed), **common)

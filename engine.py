@@ -71,7 +71,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
     accumulate = ACCUMULATE[getattr(args, 'accum_mode', 'cached') if k > 1 else 'simple']
     micro_total = steps_per_epoch * k
     header = f'Epoch: [{state.epoch}]'
-    samples_per_micro = args.batch_size * utils.get_world_size()
+    world = utils.get_world_size()
     t0, n_seen = time.time(), 0
     data_log = readers.DataLog(getattr(args, 'max_bad_fraction', 1.0))   # per-batch skip counts
     micro_batches = []
@@ -82,7 +82,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, scaler, lr_at, state, arg
         data_log.update(batch.pop('_data', None))
         batch = to_device(batch, device)
         micro_batches.append(batch_transform(batch) if batch_transform else batch)
-        n_seen += samples_per_micro
+        n_seen += len(batch['text']) * world        # --multiscale: the batch varies by step
         if (i + 1) % k:
             continue
         lr = lr_at(state.step)

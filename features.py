@@ -139,6 +139,10 @@ def _register_all():
     FEATURES.register('range_augment', FeatureSpec(
         'range_augment', range_augment.add_args, range_augment.resolve, range_augment.enabled,
         range_augment.build, 'learned magnitude ranges of on-device image augmentations (RangeAugment)'))
+    import multiscale
+    FEATURES.register('multiscale', FeatureSpec(
+        'multiscale', multiscale.add_args, multiscale.resolve, multiscale.enabled, multiscale.build,
+        "cvnets' multi-scale variable-batch sampler: an image size per step, the batch keeping the pixels"))
 
 
 _register_all()

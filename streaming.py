@@ -15,7 +15,9 @@ samples: an unusable one is replaced by another sample of the same batch re-augm
 its own seed, so the stream position of batch b never depends on decoding, and a run
 resumed at batch b fast-forwards its streams over b x batch_size samples without decoding
 them. The order is a function of (seed, epoch, rank, world size, --workers): resume with the
-same --workers. (Only a batch whose samples are *all* unusable reads extra samples.)
+same --workers. (Only a batch whose samples are *all* unusable reads extra samples.) With
+--multiscale the count and image size of batch b come from its multiscale.Schedule instead of
+batch_size, as pure functions of (seed, epoch, b): the fast-forward sums the earlier counts.
 """
 import glob
 import itertools
@@ -66,6 +68,7 @@ class StreamReader(IterableDataset):
         self.batch_size, self.builder, self.opts, self.seed = batch_size, builder, opts, seed
         self.rank, self.world, self.resampled = rank, world, resampled
         self.shuffle_buffer, self.shard_reader = shuffle_buffer, shard_reader
+        self.schedule = None                       # multiscale.Schedule: per-batch size and batch
         self.num_batches = num_samples // (world * batch_size)
         self.shared = mp.RawArray('q', 2)          # (epoch, start) seen by persistent workers
         self._pending, self._printed = [], 0
@@ -90,15 +93,25 @@ class StreamReader(IterableDataset):
             return
         stream = first % workers                     # the stream that produced batch `first`
         raw = self._raw_stream(epoch, stream, workers)
-        for _ in range((first // workers) * self.batch_size):     # fast-forward, no decoding
+        sizes, counts = self._plan(epoch)
+        for _ in range(int(counts[stream:first:workers].sum())):   # fast-forward, no decoding
             if next(raw, None) is None:
                 return
         self._pending = []                           # counted by the run that consumed them
-        for _ in range(first, self.num_batches, workers):
-            slots = [s for s in (next(raw, None) for _ in range(self.batch_size)) if s is not None]
-            if len(slots) < self.batch_size:
+        for b in range(first, self.num_batches, workers):
+            slots = [s for s in (next(raw, None) for _ in range(counts[b])) if s is not None]
+            if len(slots) < counts[b]:
                 raise RuntimeError(f"{self.name}: the shards ran dry mid-batch; no readable samples left")
+            if sizes is not None:
+                self.schedule.use_size(sizes[b])
             yield self._batch(slots, raw, epoch)
+
+    def _plan(self, epoch):
+        """-> (image size per batch or None, samples per batch) of the epoch (--multiscale:
+        the multiscale.Schedule's; else batch_size each)."""
+        if self.schedule is None:
+            return None, np.full(self.num_batches, self.batch_size)
+        return self.schedule.plan(epoch, self.num_batches)
 
     def _raw_stream(self, epoch, stream, workers):
         """Raw samples (dicts of member bytes) of one stream, pass after pass, deterministic.
