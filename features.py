@@ -143,6 +143,10 @@ def _register_all():
     FEATURES.register('multiscale', FeatureSpec(
         'multiscale', multiscale.add_args, multiscale.resolve, multiscale.enabled, multiscale.build,
         "cvnets' multi-scale variable-batch sampler: an image size per step, the batch keeping the pixels"))
+    import vpt
+    FEATURES.register('vpt', FeatureSpec(
+        'vpt', vpt.add_args, vpt.resolve, vpt.enabled, vpt.build,
+        'visual prompt tuning: prompt tokens in a pretrained ViT image tower, the towers locked'))
 
 
 _register_all()

@@ -22,6 +22,9 @@ decay 0.65 (BEiT / FT-CLIP; ViT: per block, CNN towers: per stage). RangeAugment
 recipe is `--mixup 0 --cutmix 0 --layer-decay 1`. Not reproduced: its learned augmentation
 and variable-resolution batches.
 
+Visual prompt tuning (`--vpt-tokens N`, vpt.py): only N prompt tokens in the ViT tower train
+(with `--vpt-train-heads` the projection and the head too); no layer-wise decay then.
+
 Every epoch evaluates top-1 (top-5 with >= 5 classes) of the model and of its EMA on
 --val-dir, appends one JSON line to output-dir/log.txt (line `epoch 0`: the zero-shot start)
 and writes output-dir/checkpoint.pt atomically (plus checkpoint_best.pt on a new best).
@@ -48,6 +51,7 @@ import eval_linear
 import models
 import towers
 import utils
+import vpt
 import zeroshot
 
 KIND = checkpoint.FINETUNE_KIND
@@ -110,6 +114,7 @@ def get_args_parser():
     g.add_argument('--seed', type=int, default=0, help='seed: data order, crops, mixup draws (0)')
     g.add_argument('--print-freq', type=int, default=50, help='print every N steps')
     g.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
+    vpt.add_args(parser)        # --vpt-tokens: tune prompts (and optionally the heads) only
     return parser
 
 
@@ -252,7 +257,8 @@ def param_groups(classifier, wd, layer_decay=1.0):
 
 
 def build_optimizer(classifier, args):
-    groups = param_groups(classifier, args.wd, args.layer_decay)
+    layer_decay = 1.0 if args.vpt_tokens else args.layer_decay     # prompts: no layer stack to decay
+    groups = param_groups(classifier, args.wd, layer_decay)
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps)
 
 
@@ -403,6 +409,7 @@ def check_args(args):
         raise ValueError("--layer-decay must be in (0, 1] (1 = off)")
     if not 0 <= args.ema_decay < 1:
         raise ValueError("--ema-decay must be in [0, 1) (0 = no EMA)")
+    vpt.check_values(args)
 
 
 def setup(args, device):
@@ -415,6 +422,7 @@ def setup(args, device):
     if ck is not None and pre is not None and pre['model_name'] != ck['model_name']:
         raise ValueError(f"{resume} fine-tunes a {ck['model_name']}, not the {pre['model_name']} of "
                          f"--pretrained; use another --output-dir")
+    vpt.check_finetune_start(args, pre, ck['args'] if ck else None)
     image_size = ck['image_size'] if ck else (args.image_size or pre['args']['image_size'])
     train_loader, val_loader, folders = build_loaders(args, image_size)
     if ck is not None:
@@ -429,6 +437,11 @@ def setup(args, device):
         if args.head_init == 'zeroshot':
             names, templates = resolve_names(folders, args.labels), resolve_templates(args.templates)
             zeroshot_head(model, clip, pre, args.head, names, templates, device, args.head_scale)
+        if args.vpt_tokens:     # model.visual is clip.visual: the classifier gets the prompts
+            vpt.add_prompts(clip, args.vpt_tokens, args.vpt_mode, args.vpt_dropout)
+            pre = dict(pre, args=vpt.with_flags(pre['args'], args))    # rebuilt with them
+    if args.vpt_tokens:
+        print(vpt.describe(clip, *vpt.lock_all_but_prompts(model, args.vpt_train_heads), args.vpt_train_heads))
     return model, train_loader, val_loader, folders, ck, pre['model_name'], pre['args'], image_size
 
 

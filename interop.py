@@ -28,6 +28,7 @@ import interop_trainclip
 import interop_clipa
 import models
 import utils
+import vpt
 from interop_cvnets import flags_for_cvnets, load_cvnets, read_recipe
 from interop_openclip import (flags_for_openclip, load_openclip, openai_config, openclip_config,
                               openclip_export_name, to_openclip, write_openclip)
@@ -108,6 +109,7 @@ def load_ours(path, use_ema=False):
     """(model, checkpoint) of one of our checkpoints, verified, weights loaded (its EMA weights
     with use_ema), eval mode."""
     ckpt = checkpoint.load_model_checkpoint(path, '--checkpoint', use_ema)
+    vpt.refuse_export(ckpt, path)                   # prompts have no place in the other layouts
     return checkpoint.load_model(ckpt), ckpt
 
 

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import clipa
 import towers
+import vpt
 from heads import HeadCfg, mlp, projector
 from methods import METHODS, MethodSpec, check_flags
 from text_transformer import TextCfg, Transformer
@@ -203,8 +204,8 @@ def create_model_from_flags(name, flags):
     keys = ['embed_dim', 'image_size', *_TEXT_KEYS, *_HEAD_KEYS, 'logit_scale_init', 'logit_bias_init',
             'patch_dropout', 'image_tower', 'image_proj_bias', 'text_tower', 'text_pooling', 'image_pool',
             'image_pool_heads']
-    return create_model(name, proj_type=flags.get('clip_proj_type'),
-                        **{k: flags.get(k) for k in keys})
+    model = create_model(name, proj_type=flags.get('clip_proj_type'), **{k: flags.get(k) for k in keys})
+    return vpt.add_from_flags(model, flags)     # --vpt-tokens: visual prompts in the image tower
 
 
 # ----------------------------------------------------------------------------- towers
