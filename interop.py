@@ -1,12 +1,12 @@
-"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket, SLIP and train-CLIP weights (and cvnets'
-CLIP text towers) into our models, and our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
+"""Checkpoint interop: OpenAI CLIP, OpenCLIP, clip-rocket, SLIP, train-CLIP and cvnets CLIP weights
+into our models, and our models out to OpenCLIP (and to the clip-rocket / SLIP layouts).
 
     python interop.py import --from openai --checkpoint ViT-B-32.pt --model CLIP_VITB32_CLIP --out ours.pt
     python interop.py import --from openclip --checkpoint open_clip_pytorch_model.bin \
         --openclip-model ViT-B-32 --model CLIP_VITB32_CLIP --out ours.pt
     python interop.py import --from cliprocket --checkpoint checkpoint_best.pt --out ours.pt
-    python interop.py import --from cvnets --checkpoint clip_vit_base_16.pt --model CLIP_VITB16_CLIP \
-        --text-only --cvnets-config clip_vit_base.yaml --out ours.pt
+    python interop.py import --from cvnets --checkpoint clip_vit_base_16.pt --model CLIP_VITB16CV_CLIP \
+        --cvnets-config clip_vit_base.yaml --out ours.pt
     python interop.py import --from trainclip --checkpoint epoch=31.ckpt --model CLIP_RN50OAI_CLIP --out ours.pt
     python interop.py export --checkpoint output/checkpoint_best.pt --out exported/
     python -c "import open_clip; open_clip.create_model('local-dir:exported')"
@@ -138,11 +138,11 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
                          f"checkpoints; this one has OpenAI's CLIP layout, whose towers it sets itself")
     if source == 'cvnets':
         if name is None:
-            raise ValueError("--from cvnets needs --model (e.g. CLIP_VITB16_CLIP)")
+            raise ValueError("--from cvnets needs --model (e.g. CLIP_VITB16CV_CLIP)")
         recipe = read_recipe(cvnets_config) if cvnets_config else None
         flags, notes = flags_for_cvnets(name, state, text_only, recipe)
         model = models.create_model(name, **_create_kwargs(flags))
-        notes += load_cvnets(model, state)
+        notes += load_cvnets(model, state, text_only)
     elif source in ('openai', 'openclip'):
         if source == 'openai':
             cfg = openai_config(state)
@@ -199,7 +199,8 @@ def get_args_parser():
                      choices=['openai', 'openclip', 'cliprocket', 'slip', 'trainclip', 'cvnets'],
                      help='openai: TorchScript archive or state dict; openclip: state dict or an exported '
                           'directory; cliprocket / slip: their checkpoint_best.pt; trainclip: a train-CLIP '
-                          'Lightning .ckpt; cvnets: its CLIP weights (text tower only: --text-only)')
+                          'Lightning .ckpt; cvnets: its CLIP weights (onto a VITB16CV / VITH16CV model, or '
+                          '--text-only)')
     imp.add_argument('--checkpoint', required=True, help='the file (or OpenCLIP directory) to import')
     imp.add_argument('--model', default=None,
                      help='our model name (needed for openai/openclip/trainclip/cvnets; default for cliprocket/slip: '
@@ -207,8 +208,8 @@ def get_args_parser():
     imp.add_argument('--openclip-model', default=None,
                      help='OpenCLIP model name (e.g. ViT-B-32-quickgelu) or config JSON of --from openclip')
     imp.add_argument('--cvnets-config', default=None,
-                     help='the cvnets recipe YAML of --from cvnets (text heads, causal masking, activation); '
-                          'default: the published CLIP recipes\' values')
+                     help='the cvnets recipe YAML of --from cvnets (text heads, causal masking, activation; '
+                          'image encoder options checked); default: the published CLIP recipes\' values')
     imp.add_argument('--image-tower', default=None, metavar='TIMM_NAME',
                      help="trainclip CustomCLIPWrapper: the timm model of its image encoder (default: the "
                           "--model backbone's; torchvision's resnet50 is timm's resnet50)")

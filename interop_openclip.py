@@ -136,7 +136,9 @@ def timm_vit_spec(tower):
     checks = [(tower.cls_token is not None, 'a class token'),
               (not tower.no_embed_class and getattr(tower, 'num_reg_tokens', 0) == 0, 'no register tokens'),
               (tower.pos_embed is not None and not tower.dynamic_img_size, 'a learned fixed-size position embedding'),
-              (isinstance(tower.patch_embed.norm, nn.Identity), 'no patch-embedding norm'),
+              (isinstance(getattr(tower.patch_embed, 'proj', None), nn.Conv2d),   # not a convolutional stem
+               'a one-convolution patch embedding'),
+              (isinstance(getattr(tower.patch_embed, 'norm', nn.Identity()), nn.Identity), 'no patch-embedding norm'),
               (all(isinstance(getattr(b, n), nn.Identity) for b in tower.blocks for n in ('ls1', 'ls2'))
                and all(isinstance(getattr(b.attn, n, nn.Identity()), nn.Identity) for b in tower.blocks
                        for n in ('q_norm', 'k_norm', 'norm')), 'plain blocks (no layer scale, qk-norm)'),

@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Optional
 
 import timm
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 import clipa
 import towers
 import vpt
+import vit_cvnets
 from heads import HeadCfg, mlp, projector
 from methods import METHODS, MethodSpec, check_flags
 from text_transformer import TextCfg, Transformer
@@ -34,9 +36,9 @@ from utils import Registry
 @dataclass(frozen=True)
 class BackboneCfg:
     timm_name: str               # timm architecture built with pretrained=False ('' = `builder`)
-    builder: Optional[Callable] = None  # non-timm tower: builder(image_size) -> nn.Module
+    builder: Optional[Callable] = None  # non-timm tower: builder(image_size, **timm_kwargs) -> nn.Module
     image_size: int = 224        # native resolution
-    timm_kwargs: dict = field(default_factory=dict)  # overrides passed to timm.create_model
+    timm_kwargs: dict = field(default_factory=dict)  # overrides passed to timm.create_model (or `builder`)
     no_stem_pool: bool = False   # drop the ResNet stem max-pool (small inputs)
     channels_last: bool = False  # convolutional towers run faster in NHWC on CPU and GPU
     takes_img_size: bool = False  # the timm constructor needs the input size (ViTs)
@@ -49,11 +51,16 @@ class BackboneCfg:
     proj_bias: bool = False      # the linear image projection has a bias (OpenAI's attention-pool c_proj)
     pool: str = ''               # ViTs: clipa.IMAGE_POOLS entry ('' = the timm model's own)
     pool_heads: int = 8          # pool 'attn': heads (OpenCLIP's attn_pooler_heads default)
+    builder_name: str = ''       # what the zoo table calls a `builder` tower
+
+    @property
+    def tower_name(self):
+        return self.timm_name or self.builder_name
 
     @property
     def is_vit(self):
-        """A timm ViT: patch tokens that --patch-dropout can drop."""
-        return self.takes_img_size and self.timm_name.startswith('vit_')
+        """A ViT (timm's, or cvnets' on timm parts): patch tokens that --patch-dropout can drop."""
+        return self.takes_img_size and self.tower_name.startswith(('vit_', 'cvnets_vit'))
 
 
 def _openai_resnet(timm_name, image_size, text_width, embed_dim):
@@ -98,10 +105,17 @@ for _name, _cfg in {
            ('VITL14CLIPA', 'vit_large_patch14_clip_224', 768, 12, 12),
            ('VITH14CLIPA', 'vit_huge_patch14_clip_224', 1024, 16, 24),
            ('VITBIGG14CLIPA', 'vit_gigantic_patch14_clip_224', 1280, 20, 32)]},
+    # cvnets' CLIP image encoders (convolutional patch stem) with its recipes' text towers and
+    # 512-d embeddings (examples/range_augment/clip/clip_vit_{base,huge}.yaml; interop.py import --from cvnets)
+    'VITB16CV': BackboneCfg('', builder=partial(vit_cvnets.cvnets_vit, **vit_cvnets.MODES['base']),
+                            builder_name='cvnets_vit_base', takes_img_size=True, min_image_size=16, embed_dim=512),
+    'VITH16CV': BackboneCfg('', builder=partial(vit_cvnets.cvnets_vit, **vit_cvnets.MODES['huge']),
+                            builder_name='cvnets_vit_huge', takes_img_size=True, min_image_size=16, embed_dim=512,
+                            text=TextCfg(width=768, heads=12)),
     # small presets for the demo and the tests (sized so that `make demo` learns shape in ~5 CPU minutes)
     'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
-                           channels_last=True, text=_TINY_TEXT, proj_type='mlp', embed_dim=128,
-                           heads=_TINY_HEADS),
+                           builder_name='TinyCNN', channels_last=True, text=_TINY_TEXT, proj_type='mlp',
+                           embed_dim=128, heads=_TINY_HEADS),
     'TINYVIT': BackboneCfg('vit_tiny_patch16_224', image_size=32, takes_img_size=True, min_image_size=8,
                            timm_kwargs={'patch_size': 8, 'embed_dim': 64, 'depth': 2,
                                         'num_heads': 2},
@@ -250,21 +264,21 @@ def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 
     in training (FLIP / CLIPA image token reduction, timm's PatchDropout); `embed_dim`: the
     width of an attention pool (cfg.pool 'attn', OpenCLIP's: the joint embedding size)."""
     if patch_dropout and not cfg.is_vit:
-        raise ValueError(f"--patch-dropout drops ViT patch tokens; {cfg.timm_name or 'this backbone'} "
+        raise ValueError(f"--patch-dropout drops ViT patch tokens; {cfg.tower_name or 'this backbone'} "
                          f"is not a ViT (use a VIT* backbone)")
     if image_size % cfg.image_size_step:
         step = cfg.image_size_step
         raise ValueError(f"image size {image_size}: the {cfg.timm_name} tower takes multiples of {step} px "
                          f"(e.g. {max(step, image_size // step * step)})")
-    if cfg.builder is not None:
-        return cfg.builder(image_size)
     kwargs = dict(cfg.timm_kwargs)
-    if cfg.takes_img_size:
-        kwargs['img_size'] = image_size
     if patch_dropout:
         kwargs['patch_drop_rate'] = patch_dropout
     if cfg.pool:
         kwargs.update(clipa.timm_pool_kwargs(cfg.pool))
+    if cfg.builder is not None:
+        return cfg.builder(image_size, **kwargs)
+    if cfg.takes_img_size:
+        kwargs['img_size'] = image_size
     tower = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **kwargs)
     if cfg.pool == 'attn':
         clipa.attach_attention_pool(tower, embed_dim, cfg.pool_heads)

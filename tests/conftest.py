@@ -55,12 +55,9 @@ def shallow_if_huge(monkeypatch, backbone):
     parameters (ViT-H/14, ViT-bigG/14: 0.6-1.8 B; the tests check the per-block structure, which
     2 blocks have, and 7-20 GB of weights and gradients do not fit a shared CPU test)."""
     from dataclasses import replace
-    import torch
     import models
     cfg = models.BACKBONES[backbone]
-    with torch.device('meta'):
-        size = sum(p.numel() for p in models.build_image_tower(cfg, cfg.image_size).parameters())
-    if size > HUGE_TOWER:
+    if tower_parameters(backbone) > HUGE_TOWER:
         register_backbone(monkeypatch, backbone, replace(cfg, timm_kwargs={**cfg.timm_kwargs, 'depth': 2}))
 
 
@@ -88,6 +85,15 @@ def params_without_grad(model):
     import torch
     return [n for n, p in model.named_parameters() if p.requires_grad and
             (p.grad is None or p.grad.abs().sum() == 0 or not torch.isfinite(p.grad).all())]
+
+
+@functools.lru_cache(maxsize=None)
+def tower_parameters(backbone):
+    """Parameters of a registered backbone's image tower, counted on the meta device (no memory)."""
+    import torch
+    import models
+    with torch.device('meta'):
+        return sum(p.numel() for p in models.build_image_tower(models.BACKBONES[backbone], 64).parameters())
 
 
 # ------------------------------------------------------------ what `make setup` installs

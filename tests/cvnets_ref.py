@@ -9,7 +9,10 @@ ml-cvnets itself is not on PyPI, hence this file.
     cvnets/layers/multi_head_attention.py          MultiHeadAttention.forward_default
     cvnets/layers/positional_embedding.py          LearnablePositionalEmbedding ([1, 1, N, C], resized)
     cvnets/layers/conv_layer.py                    ConvLayer2d (block.conv/norm/act, padding (k-1)//2)
-    cvnets/models/classification/vit.py            VisionTransformer (conv stem, cls token w/o position)
+    cvnets/models/classification/vit.py            VisionTransformer (conv stem, cls token w/o position,
+                                                   LayerNorm eps 1e-6, 1-D resized position embeddings)
+    cvnets/models/classification/base_image_encoder.py   neural_augmentor (RangeAugment, training only)
+    cvnets/neural_augmentor/neural_aug.py          DistributionNeuralAugmentor: brightness, contrast, noise
     cvnets/image_projection_layers/simple_projection_head.py   classifier.proj, L2-normalised
 """
 import math
@@ -129,11 +132,30 @@ class SimpleImageProjectionHead(nn.Module):
         return F.normalize(x @ self.proj, dim=-1)
 
 
-class VisionTransformer(nn.Module):
-    """cvnets' ViT at mode widths (base 768 / 12 layers / 12 heads); `layers` small for tests."""
-
-    def __init__(self, width, heads, layers, proj_dim):
+class UniformSampler(nn.Module):
+    def __init__(self, low, high):
         super().__init__()
+        self._low = nn.Parameter(torch.tensor(low, dtype=torch.float))
+        self._high = nn.Parameter(torch.tensor(high, dtype=torch.float))
+
+
+class DistributionNeuralAugmentor(nn.Module):
+    """RangeAugment's learned ranges (the recipes' learn_augmentation mode: distribution); they
+    augment training images only, so the encoders below do not use them."""
+
+    def __init__(self):
+        super().__init__()
+        self.brightness, self.contrast, self.noise = UniformSampler(0.5, 1.5), UniformSampler(0.5, 1.5), \
+            UniformSampler(0.0, 0.1)
+
+
+class VisionTransformer(nn.Module):
+    """cvnets' ViT; its modes are 64-wide heads (base: 768 wide, 12 layers, 12 heads; huge: 1280,
+    32, 20); small widths / depths for tests. forward = the CLIP image encoder in eval mode."""
+
+    def __init__(self, width, heads, layers, proj_dim, range_augment=False):
+        super().__init__()
+        self.neural_augmentor = DistributionNeuralAugmentor() if range_augment else None
         stem = max(32, width // 4)
         self.patch_emb = nn.Sequential(ConvLayer2d(3, stem, 4, 4, False, True),
                                        ConvLayer2d(stem, stem, 2, 2, False, True),
@@ -154,9 +176,9 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, vit_width=64, vit_heads=2, vit_layers=1, text_width=64, text_heads=2, text_layers=2,
-                 proj_dim=32):
+    def __init__(self, vit_width=128, vit_heads=2, vit_layers=2, text_width=64, text_heads=2, text_layers=2,
+                 proj_dim=32, range_augment=False):
         super().__init__()
-        self.image_encoder = VisionTransformer(vit_width, vit_heads, vit_layers, proj_dim)
+        self.image_encoder = VisionTransformer(vit_width, vit_heads, vit_layers, proj_dim, range_augment)
         self.text_encoder = TextTransformer(text_width, text_heads, text_layers, proj_dim)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))

@@ -1,8 +1,9 @@
 """Checkpoint interop (interop.py): OpenCLIP/OpenAI weights load into our models with the same
 encode_image / encode_text outputs, ours export to OpenCLIP (open_clip.create_model loads them),
-clip-rocket / SLIP checkpoints round-trip exactly, cvnets' CLIP text towers load exactly (its
-ViTs are refused), and mismatches fail saying why."""
+clip-rocket / SLIP checkpoints round-trip exactly, cvnets' CLIP models load exactly (its ViTs onto
+our cvnets backbones), and mismatches fail saying why."""
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -278,28 +279,61 @@ def test_slip_round_trip_and_names(tmp_path):
 
 # ----------------------------------------------------------------------------- cvnets
 
-# The text part of the published RangeAugment CLIP recipes (examples/range_augment/clip/*.yaml),
-# at the reference's tiny size: 128 wide, 2 heads (= width / 64, as 512/8 and 768/12 there).
+# The published RangeAugment CLIP recipes (examples/range_augment/clip/*.yaml) at the reference's
+# tiny size: text 128 wide, 2 heads (= width / 64, as 512/8 and 768/12 there); the image encoder
+# is its ViT (128 wide, 2 layers: 64-wide heads, as every cvnets ViT mode).
 CVNETS_RECIPE = """model:
   activation: {name: gelu}
+  classification:
+    name: vit
+    vit: {mode: base, norm_layer: layer_norm_fp32}
+    activation: {name: gelu}
+  image_projection_head: {name: simple_projection_nc2nc}
+  normalization: {name: batch_norm, momentum: 0.1}
   text:
     name: transformer
     transformer: {causal_masking: true, model_dim: 128, n_transformer_layers: 2, n_heads_per_layer: 2,
                   ffn_multiplier_per_layer: 4.0, norm_layer: layer_norm_fp32}
 """
+CVNETS_VIT = {'embed_dim': 128, 'depth': 2, 'num_heads': 2}      # cvnets_ref.CLIP's default ViT
 
 
-def _cvnets_checkpoint(tmp_path):
-    """A random cvnets CLIP saved as its training checkpoint.pt (model_state_dict + optimizer state)."""
-    ref = _randomize(cvnets_ref.CLIP(text_width=128, text_heads=2, text_layers=2, proj_dim=32)).eval()
-    with torch.no_grad():                   # peaked attention: a wrong head count or mask shows
+def _cvnets_ref(qkv_gain=8.0, stem_gain=10.0, **size):
+    """A random cvnets CLIP whose differences show: LayerNorm gains near 1, peaked attention (a
+    wrong head count or mask), a stem that is not tiny (a shifted stem: timm's vit_base_mci_224
+    pads by 0). Deep towers take gains of 1: through 12 layers, peaked attention turns float
+    rounding into visible differences."""
+    ref = _randomize(cvnets_ref.CLIP(**size)).eval()
+    vit = ref.image_encoder
+    with torch.no_grad():
         for block in ref.text_encoder.transformer:
             block.pre_norm_mha[1].qkv_proj.weight.mul_(8)
+        for block in vit.transformer:
+            block.pre_norm_mha[1].qkv_proj.weight.mul_(qkv_gain)
+            block.pre_norm_mha[0].weight.add_(1.0)
+            block.pre_norm_ffn[0].weight.add_(1.0)
+        vit.post_transformer_norm.weight.add_(1.0)
+        for layer in vit.patch_emb:
+            layer.block.conv.weight.mul_(stem_gain)
+    return ref
+
+
+def _cvnets_checkpoint(tmp_path, range_augment=False):
+    """A random cvnets CLIP saved as its training checkpoint.pt (model_state_dict + optimizer state)."""
+    ref = _cvnets_ref(text_width=128, text_heads=2, text_layers=2, proj_dim=32, range_augment=range_augment)
     opt = torch.optim.AdamW(ref.parameters())
     torch.save({'model_state_dict': ref.state_dict(), 'optim_state_dict': opt.state_dict(), 'iterations': 3,
                 'epoch': 0, 'best_metric': 0.5}, tmp_path / 'checkpoint.pt')
     (tmp_path / 'clip.yaml').write_text(CVNETS_RECIPE)
     return ref
+
+
+@pytest.fixture
+def cvnets_tiny():
+    """Backbone CVTINY while the test runs: our cvnets ViT (VITB16CV's builder) at the reference's size."""
+    models.BACKBONES.register('CVTINY', dataclasses.replace(models.BACKBONES['VITB16CV'], timm_kwargs=CVNETS_VIT))
+    yield 'CVTINY'
+    del models.BACKBONES['CVTINY']
 
 
 @pytest.mark.parametrize('with_recipe', [True, False])
@@ -317,18 +351,104 @@ def test_cvnets_text_tower_imports_exactly(tmp_path, tokenizer, with_recipe, cap
     assert torch.equal(ours.logit_scale, ref.logit_scale)
 
 
-def test_cvnets_image_encoders_and_other_text_settings_are_refused(tmp_path):
+@pytest.mark.parametrize('with_recipe', [True, False])
+def test_cvnets_clip_imports_exactly(tmp_path, tokenizer, cvnets_tiny, with_recipe, capsys):
+    """The whole CLIP (ViT with its convolutional stem, projections, logit scale) at its native
+    224 px; RangeAugment's training-only magnitudes are left out, saying so."""
+    ref = _cvnets_checkpoint(tmp_path, range_augment=True)
+    argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'checkpoint.pt'), '--model',
+            f'CL2L_{cvnets_tiny}_CL2L', '--out', str(tmp_path / 'ours.pt')]
+    interop.main(argv + (['--cvnets-config', str(tmp_path / 'clip.yaml')] if with_recipe else []))
+    out = capsys.readouterr().out
+    assert 'neural_augmentor' in out and ("image settings assumed" in out) != with_recipe
+    ours, ckpt = interop.load_ours(str(tmp_path / 'ours.pt'))
+    assert ckpt['args']['image_size'] == 224
+    torch.manual_seed(1)
+    image, text = torch.randn(2, 3, 224, 224), tokenizer(['a photo of a cat', 'a diagram of a red square'])
+    with torch.no_grad():
+        want = ref.image_encoder(image)
+        assert (want - ours.encode_image(image)).abs().max() <= TOL
+        assert (want - ours.encode_image(image, head='h')).abs().max() <= TOL     # CL2L without separate heads
+        assert (ref.text_encoder(text) - ours.encode_text(text)).abs().max() <= TOL
+        ours.visual.patch_embed.backbone.conv1.padding = (0, 0)     # why not timm's stem, which pads by 0
+        assert (want - ours.encode_image(image)).abs().max() > 100 * TOL
+    with torch.device('meta'):
+        assert timm.create_model('vit_base_mci_224').patch_embed.backbone[0].conv.padding == (0, 0)
+    assert torch.equal(ours.logit_scale, ref.logit_scale)
+    # other sizes: our 2-D resampled grid runs; cvnets resizes the flattened sequence (not the same)
+    at_256 = checkpoint.load_model(ckpt, 256)
+    image = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert at_256.visual.pos_embed.shape == (1, 256, 128)
+        assert (ref.image_encoder(image) - at_256.encode_image(image)).abs().max() > TOL
+
+
+@pytest.mark.slow
+def test_cvnets_vitb16_recipe_imports_exactly(tmp_path, tokenizer):
+    """cvnets' CLIP ViT-B/16 recipe at its real size (ViT-B/16, text 512 wide x 12, 512-d) onto
+    CLIP_VITB16CV_CLIP. (ViT-H/16 onto CLIP_VITH16CV_CLIP was checked the same way once: 6 GB.)"""
+    ref = _cvnets_ref(qkv_gain=1.0, stem_gain=1.0, vit_width=768, vit_heads=12, vit_layers=12, text_width=512,
+                      text_heads=8, text_layers=12, proj_dim=512)
+    torch.save(ref.state_dict(), tmp_path / 'clip_vit_base_16.pt')
+    interop.main(['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'clip_vit_base_16.pt'),
+                  '--model', 'CLIP_VITB16CV_CLIP', '--out', str(tmp_path / 'ours.pt')])
+    ours, _ = interop.load_ours(str(tmp_path / 'ours.pt'))
+    torch.manual_seed(1)
+    image, text = torch.randn(2, 3, 224, 224), tokenizer(['a photo of a cat', 'a diagram of a red square'])
+    with torch.no_grad():
+        assert (ref.image_encoder(image) - ours.encode_image(image)).abs().max() <= TOL
+        assert (ref.text_encoder(text) - ours.encode_text(text)).abs().max() <= TOL
+
+
+def test_cvnets_image_encoders_that_do_not_map_are_refused(tmp_path, cvnets_tiny):
+    _cvnets_checkpoint(tmp_path)
+    state = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)['model_state_dict']
+    argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'bad.pt'), '--model',
+            f'CLIP_{cvnets_tiny}_CLIP', '--out', str(tmp_path / 'ours.pt')]
+    proj = 'image_encoder.classifier.proj'
+    for change, fragment in [
+            (lambda sd: sd.pop('image_encoder.cls_token'), 'no_cls_token'),
+            (lambda sd: sd.update({proj.replace('proj', 'weight'): sd.pop(proj)}), 'projection head'),
+            (lambda sd: sd.update({'image_encoder.simple_fpn.out_l3.block.conv.weight': torch.zeros(1)}),
+             "image_encoder.simple_fpn.out_l3.block.conv.weight: not a tensor of cvnets' ViT"),
+            (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith('image_encoder.patch_emb.')], 'not its ViT')]:
+        bad = dict(state)
+        change(bad)
+        torch.save(bad, tmp_path / 'bad.pt')
+        with pytest.raises(SystemExit, match=fragment) as e:
+            interop.main(argv)
+        assert '\n' not in str(e.value)
+    for good, bad in {'name: vit': 'name: resnet', 'vit: {mode: base,': 'vit: {mode: base, no_cls_token: true,',
+                      'activation: {name: gelu}\n  image': 'activation: {name: relu}\n  image',   # classification's
+                      'simple_projection_nc2nc': 'attention_pool_nchw2nc'}.items():
+        (tmp_path / 'clip.yaml').write_text(CVNETS_RECIPE.replace(good, bad, 1))
+        with pytest.raises(SystemExit, match='resnet|no_cls_token|relu|attention_pool'):
+            interop.main(argv[:4] + [str(tmp_path / 'checkpoint.pt')] + argv[5:] +
+                         ['--cvnets-config', str(tmp_path / 'clip.yaml')])
+    assert not os.path.exists(tmp_path / 'ours.pt')
+
+
+def test_cvnets_vits_fit_only_our_cvnets_backbone_of_their_size(tmp_path, cvnets_tiny):
+    _cvnets_checkpoint(tmp_path)
+    argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'checkpoint.pt'), '--out',
+            str(tmp_path / 'ours.pt'), '--model']
+    with pytest.raises(SystemExit, match=r'does not fit VITB16CV \(768 wide, 12 layers, 12 heads\): use the '
+                                         f'{cvnets_tiny} backbone'):
+        interop.main(argv + ['CLIP_VITB16CV_CLIP'])
+    del models.BACKBONES[cvnets_tiny]                 # no backbone of that size left
+    try:
+        with pytest.raises(SystemExit) as e:
+            interop.main(argv + ['CLIP_TINYVIT_CLIP'])
+        assert all(s in str(e.value) for s in ('TINYVIT', 'no convolutional stem', '--text-only'))
+    finally:
+        models.BACKBONES.register(cvnets_tiny, dataclasses.replace(models.BACKBONES['VITB16CV'],
+                                                                   timm_kwargs=CVNETS_VIT))
+
+
+def test_cvnets_text_settings_that_do_not_map_are_refused(tmp_path):
     _cvnets_checkpoint(tmp_path)
     argv = ['import', '--from', 'cvnets', '--checkpoint', str(tmp_path / 'checkpoint.pt'), '--model',
             'CLIP_TINYVIT_CLIP', '--out', str(tmp_path / 'ours.pt')]
-    with pytest.raises(SystemExit) as e:
-        interop.main(argv)
-    assert 'convolutional stem' in str(e.value) and '--text-only' in str(e.value) and '\n' not in str(e.value)
-    # why: cvnets pads its first 4x4/4 stem convolution by 1; timm's ViT with that stem does not
-    with torch.device('meta'):
-        mci = timm.create_model('vit_base_mci_224', pretrained=False)
-    assert mci.patch_embed.backbone[0].conv.padding == (0, 0)
-    assert cvnets_ref.VisionTransformer(64, 2, 1, 32).patch_emb[0].block.conv.padding == (1, 1)
     for good, bad in {'causal_masking: true': 'causal_masking: false', 'name: gelu': 'name: relu',
                       'n_heads_per_layer: 2,': 'n_heads_per_layer: [2, 4],'}.items():
         (tmp_path / 'clip.yaml').write_text(CVNETS_RECIPE.replace(good, bad))

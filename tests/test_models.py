@@ -1,5 +1,6 @@
 """Model zoo: every registered backbone builds, trains (forward + backward reaches every
 parameter), has the known size; names and overrides fail with the valid choices."""
+import dataclasses
 import math
 
 import pytest
@@ -8,20 +9,14 @@ import torch
 import losses
 import models
 import text_transformer
-from conftest import params_without_grad, shallow_if_huge, text_tokenizer_of, unzero_norms
+from conftest import params_without_grad, shallow_if_huge, text_tokenizer_of, tower_parameters, unzero_norms
 
 REAL_SMALL_RES = 64          # real towers run at a small resolution to keep the test fast
-HUGE_TOWER = 150e6           # image towers this big take ~30 s and more to build and train once on CPU
-
-
-def _image_params(backbone):
-    with torch.device('meta'):                      # shapes only: no memory, no init
-        visual = models.build_image_tower(models.BACKBONES[backbone], models.BACKBONES[backbone].image_size)
-    return sum(p.numel() for p in visual.parameters())
+SLOW_TOWER = 150e6           # image towers this big take ~30 s and more to build and train once on CPU
 
 
 def _backbone_cases():
-    return [pytest.param(b, marks=pytest.mark.slow) if _image_params(b) > HUGE_TOWER else b
+    return [pytest.param(b, marks=pytest.mark.slow) if tower_parameters(b) > SLOW_TOWER else b
             for b in sorted(models.BACKBONES)]
 
 
@@ -57,6 +52,22 @@ def test_known_parameter_counts():
     assert abs(visual - 86e6) / 86e6 < 0.01, visual       # ViT-B/16 trunk: 85.8 M
     assert abs(text - 63e6) / 63e6 < 0.01, text           # 12 x 512 text transformer: 63.2 M
     assert model.embed_dim == 256 and model.text_cfg.layers == 12 and model.text_cfg.width == 512
+
+
+def test_cvnets_towers_take_timm_kwargs_and_other_sizes():
+    """VITB16CV / VITH16CV (cvnets' ViT, vit_cvnets.py) get the preset's timm_kwargs and
+    --patch-dropout like timm towers, take any size (a grid of 16 px tokens from the conv stem),
+    and load weights saved at another size with their position embeddings resampled."""
+    small = dataclasses.replace(models.BACKBONES['VITB16CV'], timm_kwargs={'depth': 1})
+    tower = models.build_image_tower(small, 64, patch_dropout=0.5)
+    assert len(tower.blocks) == 1 and tower.patch_drop.prob == 0.5 and tower.pos_embed.shape == (1, 16, 768)
+    assert tower.patch_embed.backbone.conv1.padding == (1, 1)
+    tower.eval()
+    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, 768)
+    bigger = models.build_image_tower(small, 96)
+    loaded, skipped, _ = models.load_weights(bigger, tower.state_dict())
+    assert 'pos_embed' in loaded and not skipped and bigger.pos_embed.shape == (1, 36, 768)
+    assert models.BACKBONES['VITH16CV'].builder.keywords == {'embed_dim': 1280, 'depth': 32, 'num_heads': 20}
 
 
 def test_openai_state_dict_layout():

@@ -135,7 +135,7 @@ def _readme_zoo_rows():
 def test_zoo_table_lists_every_backbone_with_its_timm_model_and_size():
     rows = _readme_zoo_rows()
     listed = [re.match(r'\| `(\w+)` \| (\S+) \| (\d+) \|', row).groups() for row in rows]
-    expected = [(name, cfg.timm_name or 'TinyCNN', str(cfg.image_size))
+    expected = [(name, cfg.tower_name, str(cfg.image_size))
                 for name, cfg in models.BACKBONES.items()]
     assert listed == expected
 

@@ -39,7 +39,7 @@ def row(backbone, tokens):
     img_flops = count(model, model.encode_image, torch.randn(1, 3, size, size))
     txt_flops = count(model, model.encode_text, tokens)
     img_params = f'{img_params:.3g}' if img_params < 1000 else f'{img_params:.0f}'    # not 1.84e+03
-    return (f"| `{backbone}` | {cfg.timm_name or 'TinyCNN'} | {size} | {img_params} M | "
+    return (f"| `{backbone}` | {cfg.tower_name or 'TinyCNN'} | {size} | {img_params} M | "
             f"{img_flops:.3g} | {txt_params:.1f} M | {txt_flops:.3g} |")
 
 
