@@ -25,6 +25,7 @@ import features
 import methods
 import models
 import rundir
+import syncbn
 from run_checkpoint import RunCheckpoints, load_finetune_weights, plain_args
 import text_reduction
 import towers
@@ -381,7 +382,7 @@ def run(args, argv, device, run_lock):
     after_step = step_hooks(args, feats, state)
     if utils.get_world_size() > 1:
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = models.sync_batchnorm(model, device)   # statistics over the global batch
+            model = syncbn.sync_batchnorm(model, device)   # statistics over the global batch
         unused = args.base == 'CL2L' and args.num_augs == 0   # the h heads see no view
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,

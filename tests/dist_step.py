@@ -9,6 +9,7 @@ accumulation). Without torchrun it computes the same on the whole batch in one p
 --range-augment: each half augmented as its rank draws it, forward_as_ranks).
 """
 import os
+import syncbn
 import sys
 
 import torch
@@ -27,7 +28,7 @@ from test_methods import METHOD_CASES  # noqa: E402  (one case per registered me
 
 GLOBAL_BATCH = 8
 # model name + flags: one case per registered method, plus accumulation under DDP and towers
-# with BatchNorm (exact across processes through models.sync_batchnorm; RN50OAI: timm's BN+ReLU)
+# with BatchNorm (exact across processes through syncbn.sync_batchnorm; RN50OAI: timm's BN+ReLU)
 CASES = {**METHOD_CASES,
          'CL2L_ACCUM': ['CL2L_TINYVIT_CL2L', '--update-freq', '2', '--label-smoothing', '0.1'],
          'CL2L_TINYCNN': ['CL2L_TINYCNN_CL2L', '--separate-proj'],
@@ -85,7 +86,7 @@ def main():
     local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(models.sync_batchnorm(model, torch.device('cpu')))
+        net = torch.nn.parallel.DistributedDataParallel(syncbn.sync_batchnorm(model, torch.device('cpu')))
     loss_fn = features.with_loss_terms(feats, methods.build_loss(args))
     if world == 1 and args.range_augment:             # the draws 2 ranks make, in one pass
         loss = loss_fn(forward_as_ranks(model, batch, 2, args.update_freq))['loss']

@@ -1,7 +1,7 @@
 """System test: torchrun with 2 gloo processes of per-rank batch b gives the loss and the
 gradients of one process with batch 2b (relative error <= 1e-5), for every method: the
 BatchNorm-free configurations, and configurations with BatchNorm (BarLIP/SiamLIP heads, the
-TinyCNN tower) whose statistics go over both processes (models.sync_batchnorm; on CPU our
+TinyCNN tower) whose statistics go over both processes (syncbn.sync_batchnorm; on CPU our
 CPUSyncBatchNorm, since PyTorch's SyncBatchNorm needs CUDA)."""
 import os
 import subprocess

@@ -19,6 +19,7 @@ import interop_resnet
 import losses
 import main as train
 import models
+import syncbn
 from test_interop import _randomize, _same_outputs
 from test_methods import METHOD_CASES
 from zs_helpers import make_imagefolder, write_catalog
@@ -203,10 +204,10 @@ def test_batchnorm_with_activation_syncs_and_keeps_its_activation(tokenizer):
     image = torch.randn(4, 3, 64, 64)
     ref = ours.encode_image(image)
     count = sum(type(m) is BatchNormAct2d for m in ours.modules())
-    cuda = models.sync_batchnorm(_shallow('RN50OAI')[1], torch.device('cuda'))     # conversion only
+    cuda = syncbn.sync_batchnorm(_shallow('RN50OAI')[1], torch.device('cuda'))     # conversion only
     assert sum(type(m) is SyncBatchNormAct for m in cuda.modules()) == count
-    synced = models.sync_batchnorm(ours, torch.device('cpu'))
-    assert sum(type(m) is models.CPUSyncBatchNormAct for m in synced.modules()) == count > 0
+    synced = syncbn.sync_batchnorm(ours, torch.device('cpu'))
+    assert sum(type(m) is syncbn.CPUSyncBatchNormAct for m in synced.modules()) == count > 0
     assert not any(type(m) is BatchNormAct2d for m in synced.modules())
     torch.testing.assert_close(synced.encode_image(image), ref, rtol=0, atol=1e-6)
 
