@@ -268,6 +268,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.stderr.write(f'{self.prog}: error: {message}\n')
         raise SystemExit(2)
 
+    def _get_values(self, action, arg_strings):
+        # argparse drops a '--' given as a flag's value (`--epochs=--`) and returns [] for a
+        # one-value flag, which then breaks every check downstream: refuse it here
+        if action.option_strings and '--' in arg_strings:
+            self.error(f"argument {'/'.join(action.option_strings)}: '--' is not a value")
+        return super()._get_values(action, arg_strings)
+
 
 def check_counts(args, positive=(), non_negative=()):
     """ValueError naming the flag unless every listed count is > 0 (`positive`) or >= 0

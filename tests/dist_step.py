@@ -9,7 +9,6 @@ accumulation). Without torchrun it computes the same on the whole batch in one p
 --range-augment: each half augmented as its rank draws it, forward_as_ranks).
 """
 import os
-import syncbn
 import sys
 
 import torch
@@ -23,6 +22,7 @@ import main as train  # noqa: E402
 import methods  # noqa: E402
 import models  # noqa: E402
 import range_augment  # noqa: E402
+import syncbn  # noqa: E402
 import utils  # noqa: E402
 from test_methods import METHOD_CASES  # noqa: E402  (one case per registered method)
 

@@ -91,6 +91,8 @@ def one_line_error(err, prog='main.py'):
 @example(['--lr'])
 @example(['--batch-size', '9' * 5000])
 @example(['--precision', 'amp', '--dataset', 'nope', '--unknown-flag'])
+@example(['--epochs=--'])                      # argparse alone gives epochs=[]
+@example(['--momentum-tau=--'])
 def test_parse_args_returns_namespace_or_one_line_error(argv):
     err = io.StringIO()
     try:
