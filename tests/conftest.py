@@ -57,7 +57,7 @@ def shallow_if_huge(monkeypatch, backbone):
     from dataclasses import replace
     import models
     cfg = models.BACKBONES[backbone]
-    if tower_parameters(backbone) > HUGE_TOWER:
+    if cfg.is_vit and tower_parameters(backbone) > HUGE_TOWER:     # (a ResNet has no `depth`: whole)
         register_backbone(monkeypatch, backbone, replace(cfg, timm_kwargs={**cfg.timm_kwargs, 'depth': 2}))
 
 
