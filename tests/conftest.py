@@ -47,6 +47,16 @@ def text_tokenizer_of(model, tokenizer, wordpiece):
     return tokenizer
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models and problems: one thread avoids thread-pool contention on a shared CPU."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 HUGE_TOWER = 4e8    # image-tower parameters above which the model tests train 2 of its blocks
 
 

@@ -31,13 +31,7 @@ def make_colour_folder(root, per_class, seed, classes=len(COLOURS)):
     return root
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny L-BFGS problems: one thread avoids thread-pool contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope='module')

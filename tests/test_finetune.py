@@ -20,13 +20,7 @@ from zs_helpers import tiny_checkpoint
 TEMPLATES = ['a photo of a {} thing.', 'something {}.']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: one thread avoids thread-pool contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope='module')

@@ -27,13 +27,7 @@ from zs_helpers import tiny_checkpoint
 MODEL = 'CLIP_TINYVIT_CLIP'      # 2 blocks, 4 x 4 patches of 8 px at 32 px, one class token
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: one thread avoids thread-pool contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tiny models: one thread (conftest.py)
 
 
 @pytest.fixture(scope='module')
