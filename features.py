@@ -131,19 +131,19 @@ def with_loss_terms(feats, loss_fn):
 
 
 def _register_all():
-    import model_ema
+    import model_ema            # the feature modules (here: they need not import this one)
+    import multiscale
     import range_augment
+    import vpt
     FEATURES.register('model_ema', FeatureSpec(
         'model_ema', model_ema.add_args, model_ema.resolve, lambda args: args.model_ema,
         model_ema.build, 'exponential moving average of the weights, validated beside them'))
     FEATURES.register('range_augment', FeatureSpec(
         'range_augment', range_augment.add_args, range_augment.resolve, range_augment.enabled,
         range_augment.build, 'learned magnitude ranges of on-device image augmentations (RangeAugment)'))
-    import multiscale
     FEATURES.register('multiscale', FeatureSpec(
         'multiscale', multiscale.add_args, multiscale.resolve, multiscale.enabled, multiscale.build,
         "cvnets' multi-scale variable-batch sampler: an image size per step, the batch keeping the pixels"))
-    import vpt
     FEATURES.register('vpt', FeatureSpec(
         'vpt', vpt.add_args, vpt.resolve, vpt.enabled, vpt.build,
         'visual prompt tuning: prompt tokens in a pretrained ViT image tower, the towers locked'))

@@ -8,7 +8,6 @@ docs/interop.md says what maps and what is refused."""
 import math
 import re
 
-import torch
 
 import models
 import vit_cvnets

@@ -11,8 +11,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-
 import losses
 import model_ema
 from heads import BarLIPHead, SiamLIPHead

@@ -9,7 +9,6 @@ finetune_classification.py / eval_linear.py).
 The training images are drawn with --seed (default 1, not the demo's 0: other images than
 those it trained on); the validation images from the held-out split.
 """
-import argparse
 import os
 import sys
 
