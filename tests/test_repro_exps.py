@@ -71,7 +71,15 @@ BASELINES = {('cc3m', 'CLIP_R50_CLIP'), ('cc12m', 'CLIP_R50_CLIP'), ('yfcc15m', 
              ('yfcc15m', 'CLIP_VITB16_CLIP')}
 METHODS = {'CL2L', 'BARLIP', 'SIAMLIP', 'BYOLIP', 'SWALIP'}
 
-# Smoke runs by default (REPRO_SMOKE=all runs all 26 recipes, ~1.7x as long): every model name
+# cvnets' RangeAugment CLIP recipe: its own scale (32 nodes x 8 GPUs x 256, 12 epochs), data
+# (tarpairs archives) and training features
+CVNETS_RECIPE = 'rangeaugment-CLIP_VITB16CV_CLIP'
+CVNETS_VALUES = dict(dataset='tarpairs', nodes=32, ngpus=8, batch_size=256, epochs=12, lr=5e-4,
+                     wd=0.2, eps=1e-6, weak_min_scale=0.9, embed_dim=512, checkpoint_grad=True,
+                     range_augment=True, multiscale=True, multiscale_sizes=[160, 192, 224, 256, 288, 320],
+                     model_ema=True, model_ema_decay=0.9995, zeroshot_datasets=['imagenet'])
+
+# Smoke runs by default (REPRO_SMOKE=all runs all 27 recipes, ~1.7x as long): every model name
 # of the file and every dataset format at least once. Each other recipe differs from a default
 # run of the same model only in values (wd, label smoothing, dropout, text layers, stop-word
 # probability, sum/avg), in the dataset format, or in flags that other default runs exercise
@@ -95,6 +103,7 @@ SMOKE_DEFAULT = {
     'cc3m-CLIP_R50_CLIP',
     'yfcc15m-CLIP_VITB16_CLIP',
     'yfcc15m-CLIPA_VITB16_CLIP',       # CLIPA: low resolution, syntax text reduction
+    CVNETS_RECIPE,                     # tarpairs, RangeAugment, multi-scale, model EMA
 }
 # recipes that start from another recipe's checkpoint (--finetune): parsed like every line, not
 # smoke-run here (their input is a real pre-training result); the pre-train -> fine-tune chain
@@ -253,7 +262,8 @@ def make_env(root):
 def placeholder_env(root):
     """make_env + empty metadata files at the recipes' paths (the parser checks they exist)."""
     env = make_env(root)
-    for meta in ('cc3m.npy', 'cc12m.npy', 'yfcc15m.pkl'):
+    for meta in ('cc3m.npy', 'cc12m.npy', 'yfcc15m.pkl', 'rangeaugment/metadata.pkl'):
+        os.makedirs(os.path.dirname(os.path.join(env['DATA'], meta)), exist_ok=True)
         open(os.path.join(env['DATA'], meta), 'w').close()
     return env
 
@@ -327,6 +337,10 @@ def test_covers_the_papers_recipes(parsed):
     assert METHODS <= {j['args'].method for j in runs}
     for j in runs:                                           # the paper's scale, every line
         a = j['args']
+        if j['name'] == CVNETS_RECIPE:
+            got = {k: getattr(a, k) for k in CVNETS_VALUES}
+            assert got == CVNETS_VALUES, got
+            continue
         assert (a.nodes, a.ngpus, a.batch_size) == (4, 8, 128), j['name']
         finetune = bool(a.finetune)                          # CLIPA's short full-resolution stage
         assert (a.epochs == 1 if finetune else a.epochs in (25, 32)), j['name']
@@ -362,7 +376,7 @@ def test_non_contrastive_and_baseline_flags(parsed):
                 assert (a.wd, a.transformer_layers, a.text_dropout_prob, a.loss_avg_or_sum) == (0.5, 6, 0.2, 'avg'), name
             if a.dataset == 'cc12m':
                 assert (a.text_dropout_prob, a.loss_avg_or_sum) == (0.1, 'sum'), j['name']
-        if a.method == 'CLIP' and not a.finetune:   # plain CLIP: the upstream defaults
+        if a.method == 'CLIP' and not a.finetune and name != CVNETS_RECIPE:   # plain CLIP: upstream's defaults
             assert (a.lr, a.wd, a.label_smoothing, a.loss_avg_or_sum) == (3e-3, 0.1, 0.0, 'avg'), j['name']
 
 
@@ -404,7 +418,8 @@ def test_every_trained_model_is_evaluated(parsed):
 
 def tiny_data(env, n=12):
     """Tiny data at the recipes' own paths, in the upstream formats: $DATA/cc3m + cc3m.npy,
-    $DATA/cc12m + cc12m.npy, $DATA/yfcc100m (zip tree) + yfcc15m.pkl."""
+    $DATA/cc12m + cc12m.npy, $DATA/yfcc100m (zip tree) + yfcc15m.pkl, and cvnets' tar archives
+    with their pickled metadata dict at $DATA/rangeaugment (tarpairs)."""
     data = env['DATA']
     for kind, writer in (('cc3m', lambda r, s: datagen.write_cc(r, s, 'cc3m', 'npy')),
                          ('cc12m', lambda r, s: datagen.write_cc(r, s, 'cc12m', 'npy')),
@@ -412,6 +427,8 @@ def tiny_data(env, n=12):
         flags = writer(os.path.join(data, kind), datagen.specs(n_good=n, seed=len(kind)))
         meta = flags[flags.index('--metadata') + 1]
         os.replace(meta, os.path.join(data, os.path.basename(meta)))     # $DATA/<name>.npy|pkl
+    datagen.write_tarpairs(os.path.join(data, 'rangeaugment'), datagen.specs(n_good=4 * n, seed=7),
+                           per_archive=8, form='cvnets')     # batch 8: more than 2 steps
 
 
 @pytest.fixture(scope='module')
@@ -457,7 +474,8 @@ def smoke_flags(job, env, output_dir):
         native = train.models.BACKBONES.get(train.models.parse_model_name(model)[1]).image_size
         mc = int(flags[flags.index('--multicrop-resize') + 1])
         set_flag(flags, '--multicrop-resize', str(max(8, round(SMOKE_SIZE * mc / native / 8) * 8)))
-    for option, value in (('--image-size', str(SMOKE_SIZE)), ('--batch-size', '4'), ('--epochs', '1'),
+    batch = '8' if '--multiscale' in flags else '4'          # >= 2 images at the largest size
+    for option, value in (('--image-size', str(SMOKE_SIZE)), ('--batch-size', batch), ('--epochs', '1'),
                           ('--exit-after-steps', '2'), ('--workers', '0'), ('--print-freq', '1'),
                           ('--output-dir', output_dir)):
         set_flag(flags, option, value)
@@ -465,7 +483,7 @@ def smoke_flags(job, env, output_dir):
 
 
 OVERRIDDEN = {'image_size', 'multicrop_resize', 'batch_size', 'epochs', 'exit_after_steps',
-              'workers', 'print_freq', 'output_dir', 'steps_per_epoch'}
+              'workers', 'print_freq', 'output_dir', 'steps_per_epoch', 'multiscale_sizes'}
 
 
 def training_recipes(env):
@@ -535,10 +553,10 @@ def _smoke_params():
 def test_smoke_default_set_is_current():
     names = set(training_recipes({v: f'/{v.lower()}' for v in VARIABLES}))
     assert SMOKE_DEFAULT <= names and EVAL_RECIPE in SMOKE_DEFAULT
-    assert len(names) == len(CL2L_TABLE) + len(NC_PAIRS) + len(BASELINES) + len(CLIPA_RECIPES)
+    assert len(names) == len(CL2L_TABLE) + len(NC_PAIRS) + len(BASELINES) + len(CLIPA_RECIPES) + 1
     models = {n.split('-', 1)[1] for n in names - FINETUNE_RECIPES}
     assert models == {n.split('-', 1)[1] for n in SMOKE_DEFAULT}, 'every model runs by default'
-    assert {n.split('-')[0] for n in SMOKE_DEFAULT} == {'cc3m', 'cc12m', 'yfcc15m', 'merged'}
+    assert {n.split('-')[0] for n in SMOKE_DEFAULT} == {'cc3m', 'cc12m', 'yfcc15m', 'merged', 'rangeaugment'}
 
 
 @pytest.mark.needs('wordnet')
