@@ -231,7 +231,7 @@ def main(argv=None):
         resolutions = args.resolutions or [args.image_size or ckpt['args']['image_size']]
         if min(resolutions) <= 0 or args.batch_size <= 0 or args.classes_per_batch <= 0:
             raise ValueError('--resolutions, --batch-size and --classes-per-batch must be > 0')
-        checkpoint.load_model(ckpt, resolutions[0])             # fail early on a bad checkpoint
+        first_model = checkpoint.load_model(ckpt, resolutions[0])   # fails early on a bad checkpoint
     except (ValueError, FileNotFoundError, KeyError) as e:
         parser.error(str(e))
     device = torch.device('cuda' if args.device == 'cuda' or (
@@ -242,8 +242,11 @@ def main(argv=None):
     tokenizer = towers.tokenizer_for(ckpt['args'])     # CLIP BPE, or the --text-tower's own
     os.makedirs(args.output_dir, exist_ok=True)
     rows, by_resolution = [], {}
-    for image_size in resolutions:
-        model = checkpoint.load_model(ckpt, image_size, device)
+    for i, image_size in enumerate(resolutions):
+        if i == 0:                                  # built once above, not twice
+            model, first_model = first_model.to(device), None
+        else:
+            model = checkpoint.load_model(ckpt, image_size, device)
         results = zeroshot.run(model, names, tokenizer, device, image_size, args.batch_size,
                                args.workers, args.data_root, paths, cache, args.classes_per_batch,
                                skip_missing=True, catalog=args.catalog, labels=args.labels,

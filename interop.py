@@ -121,6 +121,8 @@ def import_checkpoint(source, path, name=None, openclip_model=None, text_only=Fa
     (default: an OpenCLIP directory's own tokenizer files, as an export writes them)."""
     if cvnets_config and source != 'cvnets':
         raise ValueError(f"--cvnets-config goes with --from cvnets, not --from {source}")
+    if text_tokenizer and source not in ('openai', 'openclip'):      # the others set their own tokenizer
+        raise ValueError(f"--text-tokenizer goes with --from openclip (CLIPA text towers), not --from {source}")
     try:
         state, meta = read_checkpoint(path)
     except ValueError as e:

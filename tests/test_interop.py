@@ -460,6 +460,14 @@ def test_cvnets_text_settings_that_do_not_map_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / 'ours.pt')
 
 
+@pytest.mark.parametrize('source', ['cliprocket', 'slip', 'trainclip', 'cvnets'])
+def test_text_tokenizer_is_refused_where_it_would_be_ignored(tmp_path, source):
+    with pytest.raises(SystemExit, match=f'--text-tokenizer goes with --from openclip .* not --from {source}'):
+        interop.main(['import', '--from', source, '--checkpoint', str(tmp_path / 'missing.pt'),
+                      '--model', 'CLIP_TINYVIT_CLIP', '--text-tokenizer', str(tmp_path), '--out', str(tmp_path / 'o.pt')])
+    assert not os.path.exists(tmp_path / 'o.pt')
+
+
 # ----------------------------------------------------------------------------- clear errors
 
 def test_modified_resnet_of_no_preset_is_refused_but_its_text_tower_loads(tokenizer):
