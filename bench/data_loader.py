@@ -19,133 +19,44 @@ writes them (tf.train.Example: key, jpg, txt), then measures images/s of
 and prints, for each training resolution and shard format, images/s of ours and of the naive
 wds pipeline and their ratio (the best round of each), and the CPU time per image of the
 consuming process and its workers (the least of the rounds; steady state, worker start-up
-excluded), which other jobs on the machine disturb less.
+excluded), which other jobs on the machine disturb less; then where the time goes: both
+pipelines' per-image stages (decode, crop/resize, to-tensor/normalise, tokenise; in process,
+one thread) and what each JPEG decode option costs (bench/loader_profile.py).
 """
 import argparse
-import io
 from functools import partial
 import os
 import sys
-import tarfile
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]        # the repository, and loader_common
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 import augment  # noqa: E402
 import datasets  # noqa: E402
-import engine  # noqa: E402
-import streaming  # noqa: E402
-import tfrecord  # noqa: E402
 import utils  # noqa: E402
-from decode import DecodeOptions, draft_policy  # noqa: E402
+from loader_common import consume_ours, existing_shards, images_per_s, ours, write_shards  # noqa: E402
+from loader_profile import (print_decode_levers, print_stages, profile_ours, profile_pil_pipeline,  # noqa: E402
+                            read_samples)
 
 
-def photo(seed, w=500, h=375):
-    """A photo-like JPEG: smooth gradients, a few shapes, sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w * rng.uniform(80, 255), y / h * rng.uniform(80, 255),
-                     np.full_like(x, rng.uniform(0, 255))], -1)
-    image = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, w - 60), rng.integers(0, h - 60)
-        box = [int(x0), int(y0), int(x0 + rng.integers(30, 200)), int(y0 + rng.integers(30, 150))]
-        draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    buf = io.BytesIO()
-    image.save(buf, 'JPEG', quality=90)
-    return buf.getvalue()
-
-
-def write_shards(folder, n, per_shard=250):
-    """{'wds': tar shards, 'tfrecord': TFRecord shards} of the same n samples."""
-    shards = {'wds': [], 'tfrecord': []}
-    for s in range(-(-n // per_shard)):
-        path = os.path.join(folder, f'{s:05d}.tar')
-        with tarfile.open(path, 'w') as tar, open(os.path.join(folder, f'{s:05d}.tfrecord'), 'wb') as tfr:
-            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-                image, text = photo(i), f'a photo number {i}'.encode()
-                for name, data in ((f'{i:09d}.jpg', image), (f'{i:09d}.txt', text)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                tfr.write(tfrecord.frame(tfrecord.encode_example({'key': f'{i:09d}', 'jpg': image, 'txt': text})))
-        shards['wds'].append(path)
-        shards['tfrecord'].append(tfr.name)
-    return shards
-
-
-def existing_shards(folder):
-    return {fmt: sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(ext))
-            for fmt, ext in (('wds', '.tar'), ('tfrecord', '.tfrecord'))}
-
-
-def ours(shards, n, size, batch, workers, tokenizer, shard_format='wds'):
-    args = argparse.Namespace(image_size=size, base='CLIP', weak_min_scale=0.5)
-    builder = augment.SampleBuilder.from_args(args, tokenizer)
-    reader = streaming.StreamReader(shard_format, '', shards[shard_format], n, batch, builder,
-                                    DecodeOptions(draft=draft_policy(builder), fast_jpeg=True),
-                                    shuffle_buffer=0, shard_reader=SHARD_READERS[shard_format])
-    reader.set_position(0, 0)
-    return torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers,
-                                       persistent_workers=False)
-
-
-SHARD_READERS = {'wds': streaming.tar_samples, 'tfrecord': tfrecord.shard_samples}
+def naive_transform(size):
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.ToTensor(), T.Normalize(augment.CLIP_MEAN, augment.CLIP_STD)])
 
 
 def naive(shards, n, size, batch, workers, tokenizer):
-    transform = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                           T.ToTensor(), T.Normalize(augment.CLIP_MEAN, augment.CLIP_STD)])
+    transform = naive_transform(size)
     pipeline = (wds.WebDataset(shards['wds'], shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
                 .decode('pil').to_tuple('jpg', 'txt')
                 .map_tuple(lambda im: transform(im.convert('RGB')), lambda t: tokenizer([t])[0]))
     return torch.utils.data.DataLoader(pipeline, batch_size=batch, num_workers=workers)
-
-
-def _cpu_seconds(pids):
-    """User + system CPU time of these processes (Linux /proc; None elsewhere)."""
-    try:
-        total = 0
-        for pid in pids:
-            with open(f'/proc/{pid}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-            total += int(fields[11]) + int(fields[12])           # utime, stime in clock ticks
-        return total / os.sysconf('SC_CLK_TCK')
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def images_per_s(loader, limit, consume):
-    """-> (images/s, CPU ms per image of the loop and its workers). `consume(batch)` -> the
-    float32 images training would see. CPU time is less sensitive than wall time to other
-    jobs on a shared machine (it still grows under contention: shared caches)."""
-    seen, t0, it = 0, None, iter(loader)
-    pids = [os.getpid()] + [w.pid for w in getattr(it, '_workers', [])]
-    for batch in it:
-        images = consume(batch)
-        if t0 is None:                  # the first batch includes worker start-up: not timed
-            t0, cpu0 = time.perf_counter(), _cpu_seconds(pids)
-            continue
-        seen += images.shape[0]
-        if seen >= limit:
-            break
-    wall, cpu1 = time.perf_counter() - t0, _cpu_seconds(pids)
-    return seen / wall, (None if cpu0 is None or cpu1 is None else 1e3 * (cpu1 - cpu0) / seen)
-
-
-def consume_ours(batch):
-    """As train_one_epoch: the skip counts popped, the batch moved and normalised."""
-    batch.pop('_data', None)
-    return engine.to_device(batch, torch.device('cpu'))['image']        # uint8 -> float32
 
 
 CONSUME = {'ours': consume_ours, 'tfrecord': consume_ours,
@@ -162,10 +73,12 @@ def main():
     p.add_argument('--rounds', type=int, default=5,
                    help='interleaved rounds; the best of each is kept (5: the machine is shared)')
     p.add_argument('--data-dir', default=None, help='reuse/keep the shards here (default: a temp dir)')
-    p.add_argument('--quick', action='store_true', help='smoke run: 300 images, 64 px, batch 32, 1 round')
+    p.add_argument('--profile-images', type=int, default=500,
+                   help='images in the per-stage profile of both pipelines and the decode table (0: none)')
+    p.add_argument('--quick', action='store_true', help='smoke run: 300 images, 64 px, batch 32, 1 round, 64 profiled')
     a = p.parse_args()
     if a.quick:
-        a.images, a.sizes, a.batch_size, a.rounds = 300, [64], 32, 1
+        a.images, a.sizes, a.batch_size, a.rounds, a.profile_images = 300, [64], 32, 1, 64
     torch.set_num_threads(1)
     utils.keep_freed_memory()            # as main.py does: the consuming loop's batches reuse memory
     tokenizer = datasets.Tokenizer()
@@ -184,9 +97,10 @@ def main():
         print("| image size | shards | ours (images/s) | naive wds (images/s) | ratio "
               "| ours (CPU ms/image) | naive wds (CPU ms/image) | CPU ratio |")
         print("|---|---|---|---|---|---|---|---|")
+        loader_ms = {}
         for size in a.sizes:
             best = dict.fromkeys(PIPELINES, 0.0)
-            cpu = dict.fromkeys(PIPELINES, float('inf'))
+            cpu = loader_ms[size] = dict.fromkeys(PIPELINES, float('inf'))
             for _ in range(a.rounds):
                 for name, make in PIPELINES.items():
                     loader = make(shards, a.images, size, a.batch_size, a.workers, tokenizer)
@@ -198,6 +112,21 @@ def main():
                             if cpu[name] < float('inf') else "- | - | -")      # no /proc: no CPU times
                 print(f"| {size} | {row} | {best[name]:.0f} | {best['naive']:.0f} | "
                       f"{best[name] / best['naive']:.2f}x | {cpu_cols} |", flush=True)
+        if a.profile_images:
+            print_where_time_goes(shards, a, tokenizer, loader_ms)
+
+
+def print_where_time_goes(shards, a, tokenizer, loader_ms):
+    """Per-stage ms of both pipelines at each size (beside the loaders' measured CPU ms per
+    image, `loader_ms` {size: {pipeline: ms}}), and what the JPEG decode options cost."""
+    samples, rounds = read_samples(shards, a.profile_images), 1 if a.quick else 3
+    for size in a.sizes:
+        transform = naive_transform(size)
+        print_stages(f"{size} px", samples, rounds, {
+            'ours': lambda: profile_ours(samples, size, 0.5, tokenizer, a.batch_size),
+            'naive': lambda: profile_pil_pipeline(samples, transform, lambda t: tokenizer([t]), a.batch_size)},
+            loader_ms={k: v for k, v in loader_ms[size].items() if k != 'tfrecord' and v < float('inf')})
+    print_decode_levers(samples, rounds)
 
 
 if __name__ == '__main__':
