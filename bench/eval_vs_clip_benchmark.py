@@ -33,7 +33,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
-from loader_common import photo, spread  # noqa: E402
+from loader_common import Clock, photo, spread  # noqa: E402
 
 METRICS = ('acc1', 'acc5', 'mean_per_class_recall')
 CB_DATASET = 'imagenet1k-unverified'      # CLIP_benchmark's ImageFolder at DATASET_ROOT/val
@@ -168,25 +168,6 @@ def print_table(times, metrics, n_images, a):
 
 
 # ----------------------------------------------------------------------------- where the time goes
-
-class Clock:
-    """Wall and process CPU seconds per phase: `with clock('image pass'): ...`."""
-
-    def __init__(self):
-        self.phases = {}
-
-    def __call__(self, phase):
-        self._phase = phase
-        return self
-
-    def __enter__(self):
-        self._t0 = (time.perf_counter(), time.process_time())
-
-    def __exit__(self, *exc):
-        wall, cpu = self.phases.get(self._phase, (0.0, 0.0))
-        self.phases[self._phase] = (wall + time.perf_counter() - self._t0[0],
-                                    cpu + time.process_time() - self._t0[1])
-
 
 def phases_ours(a, ckpt_path, data, files, cache_dir, clock):
     """eval_zeroshot.py's work, phase by phase (its functions, in this process)."""

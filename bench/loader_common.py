@@ -7,6 +7,7 @@ timing helpers (images/s, CPU ms per image of the consuming process and its work
 import argparse
 import io
 import os
+import statistics
 import sys
 import tarfile
 import time
@@ -171,6 +172,28 @@ def images_per_s(loader, limit, consume, warmup=1):
 
 
 def spread(values, fmt='{:.0f}'):
-    """'min / median / max' of a list of numbers."""
-    v = sorted(values)
-    return ' / '.join(fmt.format(x) for x in (v[0], v[len(v) // 2], v[-1]))
+    """'min / median / max' of a list of numbers (the median the ratios use)."""
+    return ' / '.join(fmt.format(x) for x in (min(values), statistics.median(values), max(values)))
+
+
+class Clock:
+    """Wall and process CPU seconds per phase, summed over its entries: `with clock('decode'): ...`
+    (process CPU time: other jobs on the machine stretch wall time, much less CPU time)."""
+
+    def __init__(self):
+        self.phases = {}
+
+    def __call__(self, phase):
+        self._phase = phase
+        return self
+
+    def __enter__(self):
+        self._t0 = (time.perf_counter(), time.process_time())
+
+    def __exit__(self, *exc):
+        wall, cpu = self.phases.get(self._phase, (0.0, 0.0))
+        self.phases[self._phase] = (wall + time.perf_counter() - self._t0[0],
+                                    cpu + time.process_time() - self._t0[1])
+
+    def cpu(self, phase):
+        return self.phases.get(phase, (0.0, 0.0))[1]

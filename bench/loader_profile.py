@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 import augment  # noqa: E402
 import decode  # noqa: E402
 import engine  # noqa: E402
+from loader_common import Clock  # noqa: E402
 
 STAGES = ('decode', 'crop/resize', 'to-tensor/normalise', 'tokenise')
 
@@ -42,25 +43,6 @@ def read_samples(shards, limit):
     return samples
 
 
-class StageClock:
-    """Per-stage CPU time of this process (one thread: other jobs on the machine stretch wall
-    time, much less CPU time): `with clock('decode'): ...`."""
-
-    def __init__(self):
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-        self._stage = None
-
-    def __call__(self, stage):
-        self._stage = stage
-        return self
-
-    def __enter__(self):
-        self._t0 = time.process_time()
-
-    def __exit__(self, *exc):
-        self.seconds[self._stage] += time.process_time() - self._t0
-
-
 def profile_pil_pipeline(samples, preprocess, tokenizer, batch, decoder='pilrgb'):
     """A PIL + torchvision pipeline's per-sample work, stage by stage (OpenCLIP's: webdataset
     decode('pilrgb'), its preprocess Compose ending in ToTensor + Normalize, its tokenizer);
@@ -68,7 +50,7 @@ def profile_pil_pipeline(samples, preprocess, tokenizer, batch, decoder='pilrgb'
     import webdataset as wds
     handler = wds.autodecode.imagehandler(decoder)
     crop_ops, tensor_ops = preprocess.transforms[:-2], preprocess.transforms[-2:]   # ..., ToTensor, Normalize
-    clock, images = StageClock(), []
+    clock, images = Clock(), []
     for i, (key, data, text) in enumerate(samples):
         with clock('decode'):
             image = handler(key, data)
@@ -93,7 +75,7 @@ def profile_ours(samples, size, min_scale, tokenizer, batch):
     args = argparse.Namespace(image_size=size, base='CLIP', weak_min_scale=min_scale)
     builder = augment.SampleBuilder.from_args(args, tokenizer)
     opts = decode.DecodeOptions(draft=decode.draft_policy(builder), fast_jpeg=True)
-    generator, clock, images = torch.Generator(), StageClock(), []
+    generator, clock, images = torch.Generator(), Clock(), []
     for i, (key, data, text) in enumerate(samples):
         with clock('decode'):
             image, _ = decode.decode_image(data, key, opts)
@@ -109,14 +91,15 @@ def profile_ours(samples, size, min_scale, tokenizer, batch):
 
 
 def print_stages(title, samples, rounds, arms, loader_ms=None):
-    """arms: {name: () -> StageClock over `samples`}; prints per-image ms of each stage, the least
+    """arms: {name: () -> Clock of the STAGES over `samples`}; prints per-image ms of each stage, the least
     of `rounds` passes (arms interleaved pass by pass), and, from `loader_ms` {name: CPU ms per
     image of the whole loader}, what the loader spends outside these stages."""
     best = {arm: dict.fromkeys(STAGES, float('inf')) for arm in arms}
     for _ in range(rounds):
         for arm, run in arms.items():
-            for stage, seconds in run().seconds.items():
-                best[arm][stage] = min(best[arm][stage], 1e3 * seconds / len(samples))
+            clock = run()
+            for stage in STAGES:
+                best[arm][stage] = min(best[arm][stage], 1e3 * clock.cpu(stage) / len(samples))
     print(f"\n{title}, CPU ms per image by stage ({len(samples)} images, one thread, least of {rounds}):\n")
     print("| stage | " + " | ".join(arms) + " |\n|---|" + "---|" * len(arms))
     for stage in STAGES + ('sum',):
