@@ -48,7 +48,7 @@ normalize_uint8 = augment.normalize_uint8        # uint8 [..., 3, H, W] -> CLIP-
 
 # ----------------------------------------------------------------------------- shapes
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)      # the training split and the held-out + shift splits validated on
 def shapes_split(split, n, image_size, seed=0):
     """The generated shapes data, cached per process; images as uint8 [N, 3, H, W]."""
     data = shapes.generate(split, n=n, seed=seed, image_size=image_size, workers=2)
@@ -105,11 +105,12 @@ def _is_plain_clip(builder):
 
 
 class ShapesLabels(Dataset):
-    """The held-out shapes split for zero-shot classification: dicts (`image` normalised
-    float32, as every zero-shot set gives them, `label`)."""
+    """A held-out shapes split for zero-shot classification ('val', or a shift split:
+    shapes.SHIFT_SPLITS): dicts (`image` normalised float32, as every zero-shot set gives
+    them, `label`)."""
 
-    def __init__(self, n, image_size):
-        self.data, self.images = shapes_split('val', n, image_size)
+    def __init__(self, n, image_size, split='val'):
+        self.data, self.images = shapes_split(split, n, image_size)
 
     def __len__(self):
         return self.images.shape[0]

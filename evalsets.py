@@ -8,7 +8,7 @@ for retrieval.
 
 | type | layout under `path` |
 |---|---|
-| `shapes` | none: generated in memory (datasets.ShapesLabels) |
+| `shapes` | none: generated in memory (datasets.ShapesLabels; `split`: val or a shift split of shapes.py) |
 | `imagefolder` | one folder per class; label = position of the folder in sorted order (torchvision ImageFolder), or in `folders`, or the folder name itself with `int_folders` |
 | `torchvision` | what `torchvision.datasets.<class>(root=path, download=False, **kwargs)` reads |
 | `filelist` | `<split>_images.npy` + `<split>_labels.npy` (upstream SLIP), or `<split>.txt` lines `image label`; string labels are looked up in `label_names` |
@@ -336,7 +336,7 @@ def build(name, source, image_size, task, classnames=None, templates=None):
     path = source.get('path')
     if kind == 'shapes':
         import datasets
-        dataset = datasets.ShapesLabels(source['num_samples'], image_size)
+        dataset = datasets.ShapesLabels(source['num_samples'], image_size, source.get('split', 'val'))
     elif kind == 'imagefolder':
         dataset = Labeled(image_folder(path, transform, source.get('folders'),
                                        source.get('int_folders', False)))

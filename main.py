@@ -33,13 +33,16 @@ import utils
 import zeroshot
 
 # Defaults that depend on the dataset: the embedded `shapes` set trains the demo on a CPU in
-# about five minutes; every other dataset gets the upstream clip-rocket defaults.
+# about five minutes (~9 CPU-minutes; batch 64 learned shape in far fewer CPU-seconds than
+# 256 or 128: bench/RESULTS.md); every other dataset gets the upstream clip-rocket defaults.
+# The demo validates on `shapes`' held-out split and on its shift splits (catalog `shift_of`).
 DATASET_DEFAULTS = {
-    'shapes': dict(model='CLIP_TINYCNN_CLIP', epochs=5, batch_size=256, lr=3e-3, wd=0.1,
-                   warmup_epochs=0.25, lr_start=1e-6, lr_end=0.0),
+    'shapes': dict(model='CLIP_TINYCNN_CLIP', epochs=6, batch_size=64, lr=3e-3, wd=0.1,
+                   warmup_epochs=0.25, lr_start=1e-6, lr_end=0.0,
+                   zeroshot_datasets=['shapes', *zeroshot.shift_sets('shapes')]),
 }
 UPSTREAM_DEFAULTS = dict(model='CLIP_VITB16_CLIP', epochs=25, batch_size=64, lr=3e-3, wd=0.1,
-                         warmup_epochs=1, lr_start=1e-6, lr_end=1e-5)
+                         warmup_epochs=1, lr_start=1e-6, lr_end=1e-5, zeroshot_datasets=['shapes'])
 
 
 def get_args_parser():
@@ -141,9 +144,9 @@ def get_args_parser():
     datasets.add_format_args(parser)   # each format's own flags: --shapes-num-train, --csv-*, --wds-*, ...
 
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 5 on shapes)')
+    g.add_argument('--epochs', type=int, default=None, help='epochs (default 25, 6 on shapes)')
     g.add_argument('--batch-size', type=int, default=None,
-                   help='batch per process (default 64, 256 on shapes; paper: 128 x 32 GPUs)')
+                   help='batch per process (default 64, also on shapes; paper: 128 x 32 GPUs)')
     g.add_argument('--update-freq', type=int, default=1,
                    help='micro-batches per optimizer step (global batch = batch-size x update-freq x processes)')
     g.add_argument('--accum-mode', choices=['cached', 'simple'], default='cached',
@@ -178,8 +181,9 @@ def get_args_parser():
     g.add_argument('--exit-after-steps', type=int, default=0,
                    help='checkpoint and stop after N optimizer steps in this run (time-boxed jobs, tests)')
     g.add_argument('--eval-freq', type=int, default=1, help='zero-shot validation every N epochs')
-    g.add_argument('--zeroshot-datasets', nargs='+', default=['shapes'],
-                   help='catalog entries to validate on (dataset_catalog.json)')
+    g.add_argument('--zeroshot-datasets', nargs='+', default=None,
+                   help='catalog entries to validate on (dataset_catalog.json; default: shapes, and on '
+                        '--dataset shapes also its shift splits shapes-colour, -size, -style, -render)')
     g.add_argument('--eval-data-root', default=os.environ.get('VLP_EVAL_DATA', 'data'),
                    help='where the zero-shot datasets live (default: $VLP_EVAL_DATA or ./data; '
                         'shapes needs none)')
@@ -327,12 +331,28 @@ def build_loader(dataset, args):
 
 
 def report_zeroshot(results):
-    """One line per dataset and weights; the live weights' lines come last (the demo's last line)."""
+    """One line per dataset and weights; the live weights' lines come last (the demo's last line).
+    A set validated with its shift splits comes after them and a line with their mean, so the
+    demo ends: `... (shapes shift splits, mean of 4): NN.N%`, `... (shapes held-out): NN.N%`."""
     catalog = zeroshot.load_catalog()[0]
     for weights in sorted(results, key=lambda w: w == 'live'):
-        for name, r in results[weights].items():
-            label = catalog[name].get('display', name) + ('' if weights == 'live' else f', {weights} weights')
-            print(f"zero-shot top-1 ({label}): {r['top1']:.1f}%")
+        suffix = '' if weights == 'live' else f', {weights} weights'
+        print('\n'.join(report_lines(results[weights], catalog, suffix)))
+
+
+def report_lines(per_set, catalog, suffix=''):
+    """The lines of one weights' {dataset: metrics}: the sets without shift splits in the order
+    given, then for each set with shift splits: those, their mean, the set itself."""
+    def line(name):
+        return f"zero-shot top-1 ({catalog[name].get('display', name)}{suffix}): {per_set[name]['top1']:.1f}%"
+    groups = zeroshot.shift_groups(per_set, catalog)
+    grouped = {n for base, shifts in groups.items() for n in (base, *shifts)}
+    lines = [line(n) for n in per_set if n not in grouped]
+    for base, shifts in groups.items():
+        lines += [line(n) for n in shifts]
+        lines += [f"zero-shot top-1 ({base} shift splits, mean of {len(shifts)}{suffix}): "
+                  f"{zeroshot.shift_mean(per_set, shifts):.1f}%", line(base)]
+    return lines
 
 
 def main(argv=None, args=None):
@@ -447,18 +467,21 @@ def run(args, argv, device, run_lock):
     results = {}
     print(f"training {args.epochs} epochs x {steps_per_epoch} steps, "
           f"{utils.get_world_size()} process(es), batch {args.batch_size} x {args.update_freq}")
-    t_train = time.time()
+    t_train, cpu_train = time.time(), 0.0      # CPU seconds of this process in training steps only
     try:
         while state.epoch < args.epochs and not state.stop:
             sampler.set_epoch(state.epoch, start=state.batch_in_epoch * args.batch_size)
             if hasattr(dataset, 'set_epoch'):
                 dataset.set_epoch(state.epoch)
+            cpu_start = time.process_time()
             stats = engine.train_one_epoch(step_model, loss_fn, loader, optimizer, scaler, lr_at, state,
                                            args, device, steps_per_epoch, on_step, reducer, after_step)
+            cpu_train += time.process_time() - cpu_start
             if state.stop:
                 break
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             log = {'epoch': state.epoch, 'step': state.step, 'train_time_s': time.time() - t_train,
+                   'train_cpu_s': cpu_train,
                    **{f'train_{k}': v for k, v in stats.items()}}
             if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
                 results = validate(model, feats, args, tokenizer, device)
@@ -516,9 +539,16 @@ def validate(model, feats, args, tokenizer, device):
 
 
 def validation_log(results):
-    """log.txt entries: `<dataset>_<metric>` for the live weights, `<weights>_<dataset>_<metric>` else."""
-    return {('' if w == 'live' else f'{w}_') + f'{n}_{k}': v
-            for w, per_set in results.items() for n, r in per_set.items() for k, v in r.items()}
+    """log.txt entries: `<dataset>_<metric>` for the live weights, `<weights>_<dataset>_<metric>` else;
+    a set validated with its shift splits also `<dataset>_shift_mean_top1`."""
+    catalog = zeroshot.load_catalog()[0]
+    log = {}
+    for w, per_set in results.items():
+        prefix = '' if w == 'live' else f'{w}_'
+        log.update({f'{prefix}{n}_{k}': v for n, r in per_set.items() for k, v in r.items()})
+        for base, shifts in zeroshot.shift_groups(per_set, catalog).items():
+            log[f'{prefix}{base}_shift_mean_top1'] = zeroshot.shift_mean(per_set, shifts)
+    return log
 
 
 def best_of(results, dataset):

@@ -60,6 +60,23 @@ def check_names(names, data_root=None, catalog=None, paths=None):
                                  f"(set --eval-data-root)")
 
 
+def shift_sets(base, catalog=None):
+    """Catalog entries that are distribution shifts of `base` (their `shift_of`), catalog order."""
+    cat = catalog if catalog is not None else _read_json(None, 'dataset_catalog.json')
+    return [n for n, entry in cat.items() if entry.get('shift_of') == base]
+
+
+def shift_groups(names, catalog):
+    """{base: [its shift sets among `names`]} for each base in `names` with at least one."""
+    groups = {base: [n for n in names if catalog[n].get('shift_of') == base] for base in names}
+    return {base: shifts for base, shifts in groups.items() if shifts}
+
+
+def shift_mean(per_set, shifts):
+    """Mean top-1 (percent) over the shift sets `shifts` of one result dict {name: metrics}."""
+    return sum(per_set[n]['top1'] for n in shifts) / len(shifts)
+
+
 def expand_names(patterns, catalog):
     """Catalog names matching the given names or shell patterns ('imagenet*'), catalog order."""
     import fnmatch

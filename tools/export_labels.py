@@ -139,8 +139,9 @@ def build():
         return cb_templates[key] if origin == 'cb' else clip[key]['templates']
 
     import shapes
-    labels = {'shapes': list(shapes.CLASSNAMES)}
-    templates = {'shapes': list(shapes.TEMPLATES)}
+    shape_sets = ['shapes'] + [f'shapes-{s}' for s in shapes.SHIFT_SPLITS]   # one class list: the splits'
+    labels = {name: list(shapes.CLASSNAMES) for name in shape_sets}
+    templates = {name: list(shapes.TEMPLATES) for name in shape_sets}
     for name, (names_src, templates_src) in PLAN.items():
         labels[name] = list(names_from(*names_src))
         templates[name] = [as_template(t) for t in templates_from(*templates_src)]
