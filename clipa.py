@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 IMAGE_POOLS = ('token', 'avg', 'norm-avg', 'attn')
+CNN_POOLS = ('avg', 'avg-max')      # a builder tower's own poolings (models.TinyCNN.POOLS)
 TEXT_MASKS = ('causal', 'none')
 TEXT_POOLS = ('eot', 'last')        # the built-in tower's --text-pooling choices
 _TIMM_POOL_KWARGS = {'token': {'global_pool': 'token'},
@@ -32,10 +33,11 @@ _TIMM_POOL_KWARGS = {'token': {'global_pool': 'token'},
 
 def add_args(parser):
     g = parser.add_argument_group('pooled towers and CLIPA text (docs/zoo.md)')
-    g.add_argument('--image-pool', choices=IMAGE_POOLS, default=None,
+    g.add_argument('--image-pool', choices=IMAGE_POOLS + CNN_POOLS[1:], default=None,
                    help="ViTs: the image embedding: token (class token; the VIT* presets' default), avg "
                         "(mean of the patch tokens, then LayerNorm: CLIPA, the *CLIPA presets' default), "
-                        "norm-avg (LayerNorm, then the mean), attn (OpenCLIP's attention pool)")
+                        "norm-avg (LayerNorm, then the mean), attn (OpenCLIP's attention pool); "
+                        "the TINYCNN: avg (mean of its last feature map) or avg-max (mean + max; default)")
     g.add_argument('--image-pool-heads', type=int, default=None,
                    help="--image-pool attn: attention heads of the pool (default 8, OpenCLIP's attn_pooler_heads)")
     g.add_argument('--text-tokenizer', default=None, metavar='DIR',
@@ -53,9 +55,11 @@ def add_args(parser):
 def resolve_args(args, preset):
     """Check the pool and text-tower flags against `preset` (a models.BackboneCfg) and fill
     their defaults (ValueError -> one-line parser error)."""
+    if args.image_pool is None and not args.image_tower and preset.train_pool:
+        args.image_pool = preset.train_pool     # recorded in the checkpoint's args
     pool = args.image_pool or ('' if args.image_tower else preset.pool)
     if args.image_pool:
-        check_vit(args.image_tower or preset, '--image-pool')
+        check_pool(args.image_tower or preset, args.image_pool, '--image-pool')
     if args.image_pool_heads is not None and pool != 'attn':
         raise ValueError("--image-pool-heads goes with --image-pool attn")
     if args.image_pool_heads is not None and args.image_pool_heads < 1:
@@ -111,6 +115,20 @@ def check_tokenizer_dir(path):
     if not any(os.path.isfile(os.path.join(path, f)) for f in towers.TOKENIZER_FILES):
         raise ValueError(f"--text-tokenizer {path}: no tokenizer files "
                          f"(one of {', '.join(towers.TOKENIZER_FILES)})")
+
+
+def check_pool(tower, pool, flag):
+    """`pool` if `tower` (a timm model name or a models.BackboneCfg) takes it, else ValueError: a
+    builder tower with its own `pools` (the TinyCNN) takes those, a timm ViT the IMAGE_POOLS."""
+    own = () if isinstance(tower, str) else tower.pools
+    if own and pool not in own:
+        raise ValueError(f"{flag} {pool}: the {tower.tower_name} tower pools {' or '.join(own)}")
+    if not own:
+        check_vit(tower, flag)
+        if pool not in IMAGE_POOLS:
+            raise ValueError(f"{flag} {pool} pools a CNN's feature map (the TINYCNN); a ViT pools "
+                             f"{', '.join(IMAGE_POOLS)}")
+    return pool
 
 
 def check_vit(tower, flag):

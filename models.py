@@ -49,7 +49,11 @@ class BackboneCfg:
     min_image_size: int = 1      # smallest input the tower takes (a ViT's patch, a CNN's stride)
     image_size_step: int = 1     # input sizes must be multiples of this (1: any size)
     proj_bias: bool = False      # the linear image projection has a bias (OpenAI's attention-pool c_proj)
-    pool: str = ''               # ViTs: clipa.IMAGE_POOLS entry ('' = the timm model's own)
+    pool: str = ''               # ViTs: clipa.IMAGE_POOLS entry ('' = the timm model's own); a
+                                 # builder tower with `pools`: one of them ('' = its first)
+    pools: tuple = ()            # a builder tower's own poolings (builder(image_size, pool=...))
+    train_pool: str = ''         # the pool main.py trains with when --image-pool is not given
+                                 # (recorded in the checkpoint's args, so older ones rebuild as before)
     pool_heads: int = 8          # pool 'attn': heads (OpenCLIP's attn_pooler_heads default)
     builder_name: str = ''       # what the zoo table calls a `builder` tower
 
@@ -113,9 +117,10 @@ for _name, _cfg in {
                             builder_name='cvnets_vit_huge', takes_img_size=True, min_image_size=16, embed_dim=512,
                             text=TextCfg(width=768, heads=12)),
     # small presets for the demo and the tests (sized so that `make demo` learns shape in ~5 CPU minutes)
-    'TINYCNN': BackboneCfg('', builder=lambda image_size: TinyCNN(), image_size=64, min_image_size=16,
-                           builder_name='TinyCNN', channels_last=True, text=_TINY_TEXT, proj_type='mlp',
-                           embed_dim=128, heads=_TINY_HEADS),
+    'TINYCNN': BackboneCfg('', builder=lambda image_size, pool='avg': TinyCNN(pool=pool), image_size=64,
+                           min_image_size=16, builder_name='TinyCNN', channels_last=True, text=_TINY_TEXT,
+                           proj_type='mlp', embed_dim=128, heads=_TINY_HEADS, pools=clipa.CNN_POOLS,
+                           train_pool='avg-max'),
     'TINYVIT': BackboneCfg('vit_tiny_patch16_224', image_size=32, takes_img_size=True, min_image_size=8,
                            timm_kwargs={'patch_size': 8, 'embed_dim': 64, 'depth': 2,
                                         'num_heads': 2},
@@ -172,9 +177,8 @@ def create_model(name, **overrides):
         cfg = replace(cfg, pool='', **towers.timm_backbone_fields(overrides.pop('image_tower')))
     if 'image_proj_bias' in overrides:  # a biased image projection (train-CLIP imports)
         cfg = replace(cfg, proj_bias=overrides.pop('image_proj_bias'))
-    if 'image_pool' in overrides:       # clipa.py: GAP / attention-pooled ViTs
-        clipa.check_vit(cfg, 'image_pool')
-        cfg = replace(cfg, pool=overrides.pop('image_pool'))
+    if 'image_pool' in overrides:       # clipa.py: GAP / attention-pooled ViTs; the TinyCNN's own
+        cfg = replace(cfg, pool=clipa.check_pool(cfg, overrides.pop('image_pool'), 'image_pool'))
     if 'image_pool_heads' in overrides:
         cfg = replace(cfg, pool_heads=overrides.pop('image_pool_heads'))
     text_cfg = replace(cfg.text, **{_TEXT_KEYS[k]: overrides.pop(k)
@@ -225,14 +229,21 @@ def create_model_from_flags(name, flags):
 # ----------------------------------------------------------------------------- towers
 
 class TinyCNN(nn.Module):
-    """The demo's image tower: a plain 4-stage CNN with global average pooling.
+    """The demo's image tower: a plain 4-stage CNN, globally pooled.
 
     timm has nothing this small; in the runs that sized the demo on a 2-core CPU it learned shape
     on `shapes` in a few CPU-minutes where a tiny ViT or a 1-block-per-stage ResNet learned too slowly.
+    `pool`: 'avg' (the mean of the last feature map) or 'avg-max' (mean + max: a small shape
+    fills one cell of the 4x4 map, which the mean dilutes; main.py trains with it, and it made the
+    demo's slow seeds learn shape as fast as the others: bench/RESULTS.md).
     """
+    POOLS = clipa.CNN_POOLS
 
-    def __init__(self, widths=(16, 32, 64, 128)):
+    def __init__(self, widths=(16, 32, 64, 128), pool='avg'):
         super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"unknown TinyCNN pool {pool!r}; valid: {', '.join(self.POOLS)}")
+        self.pool = pool
 
         def conv_bn(cin, cout, k=3, stride=1, pad=1):
             return [nn.Conv2d(cin, cout, k, stride, pad, bias=False), nn.BatchNorm2d(cout),
@@ -256,7 +267,9 @@ class TinyCNN(nn.Module):
             x = checkpoint(self.features, x, use_reentrant=False)
         else:
             x = self.features(x)
-        return x.mean(dim=(2, 3))                                         # [B, C]
+        if self.pool == 'avg-max':
+            return x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))                # [B, C]
+        return x.mean(dim=(2, 3))
 
 
 def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 0.0, embed_dim: int = 0):
@@ -273,7 +286,9 @@ def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 
     kwargs = dict(cfg.timm_kwargs)
     if patch_dropout:
         kwargs['patch_drop_rate'] = patch_dropout
-    if cfg.pool:
+    if cfg.pool and cfg.pools:          # a builder tower's own pooling (the TinyCNN)
+        kwargs['pool'] = cfg.pool
+    elif cfg.pool:
         kwargs.update(clipa.timm_pool_kwargs(cfg.pool))
     if cfg.builder is not None:
         return cfg.builder(image_size, **kwargs)

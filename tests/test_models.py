@@ -179,3 +179,23 @@ def test_logit_scale_and_bias_init_flags():
     assert torch.isclose(default.logit_scale.exp(), torch.tensor(10.0)) and float(default.logit_bias) == -10.0
     with pytest.raises(SystemExit):
         train.parse_args(['--model', 'CLIP_TINYCNN_CLIP', '--logit-bias-init', '-5'])
+
+
+def test_tinycnn_pools_and_what_checkpoints_record():
+    """The TinyCNN pools mean + max (main.py's default, recorded in the args) or the mean
+    (`--image-pool avg`, and every checkpoint whose args predate the choice)."""
+    import main as train
+    image = torch.randn(3, 3, 64, 64)
+    avg_model = models.create_model_from_flags('CLIP_TINYCNN_CLIP', {'image_pool': None})
+    assert avg_model.visual.pool == 'avg'
+    avg_max = models.create_model_from_flags('CLIP_TINYCNN_CLIP', {'image_pool': 'avg-max'})
+    avg_max.load_state_dict(avg_model.state_dict())             # the same weights: no new parameters
+    with torch.no_grad():
+        maps = avg_model.visual.features(image)
+        assert torch.equal(avg_model.visual(image), maps.mean(dim=(2, 3)))
+        assert torch.equal(avg_max.visual(image), maps.mean(dim=(2, 3)) + maps.amax(dim=(2, 3)))
+    assert train.parse_args([]).image_pool == 'avg-max'
+    assert train.parse_args(['--image-pool', 'avg']).image_pool == 'avg'
+    assert train.parse_args(['--model', 'CLIP_TINYVIT_CLIP']).image_pool is None
+    with pytest.raises(ValueError, match='valid: avg, avg-max'):
+        models.TinyCNN(pool='max')

@@ -192,7 +192,9 @@ def test_refused_openclip_options_say_why(wordpiece):
 
 
 @pytest.mark.parametrize('argv, fragment', [
-    (['--model', 'CLIP_TINYCNN_CLIP', '--image-pool', 'avg'], 'not a timm VisionTransformer'),
+    (['--model', 'CLIP_TINYCNN_CLIP', '--image-pool', 'attn'], 'the TinyCNN tower pools avg or avg-max'),
+    (['--model', 'CLIP_TINYVIT_CLIP', '--image-pool', 'avg-max'], "pools a CNN's feature map"),
+    (['--model', 'CLIP_TINYVIT_CLIP', '--image-tower', 'resnet18', '--image-pool', 'avg-max'], 'resnet18 is not'),
     (['--model', 'CLIP_TINYVIT_CLIP', '--image-tower', 'resnet18', '--image-pool', 'avg'], 'resnet18 is not'),
     (['--model', 'CLIP_TINYVIT_CLIP', '--image-pool-heads', '4'], 'goes with --image-pool attn'),
     (['--model', 'CLIP_TINYVIT_CLIP', '--text-tokenizer', '/nonexistent'], 'not a directory'),
