@@ -1,4 +1,4 @@
-# make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~5 min), print its zero-shot top-1
+# make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~8 min), print its zero-shot top-1
 # make test : the whole test suite (unit, integration, system)
 # make bench: training step vs OpenCLIP + MFU, memory, scaling, data loading vs open_clip_train's pipeline,
 #             zero-shot evaluation vs CLIP_benchmark (bench/RESULTS.md; hours on 2 CPU cores); QUICK=1: smoke run, minutes

@@ -1,6 +1,6 @@
 """Train a vision-language model.
 
-    python main.py                                   # the demo: a small CLIP on `shapes`, CPU, ~5 min
+    python main.py                                   # the demo: a small CLIP on `shapes`, CPU, ~8 min
     torchrun --nproc_per_node 2 main.py --model CLIP_VITB16_CLIP --dataset ... --output-dir runs/x
 
 Every flag is documented in `python main.py --help` and in docs/flags.md.
@@ -32,9 +32,10 @@ import towers
 import utils
 import zeroshot
 
-# Defaults that depend on the dataset: the embedded `shapes` set trains the demo on a CPU in
-# about five minutes (~9 CPU-minutes; batch 64 learned shape in far fewer CPU-seconds than
-# 256 or 128: bench/RESULTS.md); every other dataset gets the upstream clip-rocket defaults.
+# Defaults that depend on the dataset: the embedded `shapes` set trains the demo on a 2-core CPU
+# in about 8 minutes (13-15 CPU-minutes; batch 64 learned shape in far fewer CPU-seconds than 256 or
+# 128, and the TINYCNN trains with --image-pool avg-max: bench/RESULTS.md); every other dataset
+# gets the upstream clip-rocket defaults.
 # The demo validates on `shapes`' held-out split and on its shift splits (catalog `shift_of`).
 DATASET_DEFAULTS = {
     'shapes': dict(model='CLIP_TINYCNN_CLIP', epochs=6, batch_size=64, lr=3e-3, wd=0.1,
