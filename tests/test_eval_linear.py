@@ -11,6 +11,7 @@ from PIL import Image
 
 import checkpoint
 import eval_linear
+import zeroshot
 from zs_helpers import tiny_checkpoint
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220), (230, 210, 50), (200, 60, 210), (40, 200, 210)]
@@ -164,7 +165,7 @@ def test_one_line_errors(tmp_path, data, ckpt, capsys):
         (['--resume', ckpt, '--train-dir', str(train_dir), '--val-dir', str(tmp_path / 'fewer')],
          'different class folders'),
         (['--resume', ckpt, '--dataset', 'mscoco'], 'a retrieval set'),
-        (['--resume', ckpt, '--dataset', 'nope'], 'valid: shapes, imagenet'),
+        (['--resume', ckpt, '--dataset', 'nope'], f"valid: {', '.join(list(zeroshot.load_catalog()[0])[:3])}"),
         (['--resume', ckpt, '--dataset', 'cifar10', '--data-root', str(tmp_path)], 'train split not found at'),
         (['--resume', ckpt], 'give --train-dir and --val-dir'),
     ]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint
+import clipa
 import engine
 import eval_zeroshot
 import main as train
@@ -80,11 +81,12 @@ def test_interrupted_training_resumes_bit_identically(tmp_path, stop_at):
 
 @pytest.mark.needs('cxx')
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize('pool', clipa.CNN_POOLS)
+def test_compiled_step_matches_eager(pool):
     """--compile's model: same parameters (state_dict keys unchanged), same loss and gradients
-    as the eager model on a batch, to float rounding."""
+    as the eager model on a batch, to float rounding, for each of the TinyCNN's pools."""
     torch.manual_seed(0)
-    model = models.create_model('CLIP_TINYCNN_CLIP')
+    model = models.create_model('CLIP_TINYCNN_CLIP', image_pool=pool)
     keys = list(model.state_dict())
     compiled = train.compile_for_training(model)
     assert engine.unwrap(compiled) is model and list(model.state_dict()) == keys
@@ -110,9 +112,10 @@ def test_compiled_step_matches_eager():
 def test_compile_trains_saves_eager_keys_and_resumes(tmp_path):
     """--compile end to end: the step really runs through torch.compile, the checkpoint holds the
     eager module's keys (loads strictly into a fresh model), a compiled run stopped mid-epoch
-    resumes compiled to the end. Its first losses follow the eager run's; later ones drift
-    (Adam turns float-rounding differences of tiny gradients into full steps, and this tiny
-    high-lr run is chaotic), so the step itself is compared in the test above."""
+    resumes compiled to the end. Its first two losses follow the eager run's; later ones drift
+    (Adam turns float-rounding differences of tiny gradients into full steps, the max half of
+    the TinyCNN's avg-max pool routes gradients to few positions, and this tiny high-lr run is
+    chaotic: 2e-3 apart by the third step), so the step itself is compared in the test above."""
     args = ['--epochs', '2', '--eval-freq', '1']
     straight, _ = run(tmp_path, *args, name='straight')
     torch._dynamo.reset()
@@ -128,7 +131,7 @@ def test_compile_trains_saves_eager_keys_and_resumes(tmp_path):
     eager = [s['loss'] for s in read_jsonl(os.path.join(straight, 'log_steps.txt'))]
     compiled = [s['loss'] for s in read_jsonl(os.path.join(split, 'log_steps.txt'))]
     assert len(eager) == len(compiled) == 16
-    assert max(abs(a - b) for a, b in zip(eager[:3], compiled[:3])) < 1e-3, (eager, compiled)
+    assert max(abs(a - b) for a, b in zip(eager[:2], compiled[:2])) < 1e-4, (eager, compiled)
 
 
 @pytest.mark.parametrize('argv, fragment', [
