@@ -166,7 +166,7 @@ def test_real_size_rn50_both_directions(tmp_path, tokenizer):
 
 RN_TRAIN = ['--image-size', '32', '--transformer-layers', '1', '--transformer-width', '64',
             '--transformer-heads', '1', '--embed-dim', '32', '--shapes-num-train', '16', '--batch-size', '8',
-            '--epochs', '1', '--print-freq', '1']
+            '--epochs', '1', '--print-freq', '1', '--zeroshot-datasets', 'shapes']
 
 
 @pytest.mark.parametrize('method', [m if m == 'CLIP' else pytest.param(m, marks=pytest.mark.slow)
