@@ -20,7 +20,7 @@ import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--shapes-num-train', '768', '--batch-size', '32', '--epochs', '2', '--print-freq', '1',
-         '--save-freq-steps', '1', '--workers', '1', '--eval-freq', '2']
+         '--save-freq-steps', '1', '--workers', '1', '--eval-freq', '2', '--zeroshot-datasets', 'shapes']
 STEPS = 2 * 768 // 32                                   # 48 steps, a checkpoint after each
 KILLS = int(os.environ.get('CHAOS_KILLS', 20))
 

@@ -135,7 +135,7 @@ def _read_jsonl(path):
 
 def test_trains_logs_every_term_and_resumes_bit_identically_teacher_included(tmp_path):
     common = ['--model', 'CLIP_TINYCNN_SDCLIP', '--shapes-num-train', '128', '--batch-size', '32',
-              '--epochs', '2', '--eval-freq', '2', '--print-freq', '1']
+              '--epochs', '2', '--eval-freq', '2', '--print-freq', '1', '--zeroshot-datasets', 'shapes']
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     train.main([*common, '--output-dir', straight])
     assert train.main([*common, '--output-dir', split, '--exit-after-steps', '3']) is None
