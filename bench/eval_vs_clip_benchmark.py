@@ -144,10 +144,10 @@ def run_rounds(a, runs, work):
 def check_same_metrics(metrics):
     """Every run of every arm reports the same metrics (asserted after the table is printed,
     so that a long run still shows its times)."""
-    reference = metrics[ARMS[0]][0]
+    reference = next((m for runs in metrics.values() for m in runs), None)
     for arm, runs in metrics.items():
         for m in runs:
-            assert m == reference, f"{arm}: {m} != {ARMS[0]}: {reference}"
+            assert m == reference, f"{arm}: {m} != the first run's {reference}"
     return reference
 
 
@@ -169,22 +169,33 @@ def print_table(times, metrics, n_images, a):
 
 # ----------------------------------------------------------------------------- where the time goes
 
+def load_ours(a, ckpt_path, device):
+    """-> (model, tokenizer) as eval_zeroshot.py loads them."""
+    import checkpoint
+    import towers
+    ckpt = checkpoint.load_model_checkpoint(ckpt_path)
+    return checkpoint.load_model(ckpt, a.image_size, device).eval(), towers.tokenizer_for(ckpt['args'])
+
+
+def dataset_ours(a, data, files):
+    """-> (dataset, class names, prompts) of the generated ImageFolder, as eval_zeroshot.py builds them."""
+    import evalsets
+    import zeroshot
+    catalog, labels, templates = zeroshot.load_catalog(files['catalog'], files['labels'], files['templates'])
+    return evalsets.build('gen', {'type': 'imagefolder', 'path': os.path.join(data, 'val')}, a.image_size,
+                          'zeroshot_classification', labels['gen'], templates['gen'])
+
+
 def phases_ours(a, ckpt_path, data, files, cache_dir, clock):
     """eval_zeroshot.py's work, phase by phase (its functions, in this process)."""
     import torch
     import checkpoint
     import evalsets
-    import towers
     import zeroshot
     device = torch.device('cpu')
     with clock('model load'):
-        ckpt = checkpoint.load_model_checkpoint(ckpt_path)
-        model = checkpoint.load_model(ckpt, a.image_size, device).eval()
-        tokenizer = towers.tokenizer_for(ckpt['args'])
-    catalog, labels, templates = zeroshot.load_catalog(files['catalog'], files['labels'], files['templates'])
-    dataset, classnames, prompts = evalsets.build('gen', {'type': 'imagefolder', 'path': os.path.join(data, 'val')},
-                                                  a.image_size, 'zeroshot_classification',
-                                                  labels['gen'], templates['gen'])
+        model, tokenizer = load_ours(a, ckpt_path, device)
+    dataset, classnames, prompts = dataset_ours(a, data, files)
     sha = checkpoint.file_sha256(ckpt_path)          # the cache key eval_zeroshot.py uses
     with torch.no_grad():
         with clock('text classifier, cold'):
@@ -227,6 +238,55 @@ def phases_cb(a, export, data, files, clock):
                 'mean_per_class_recall': balanced_accuracy_score(target, logits.argmax(axis=1))}
 
 
+def bf16_lever(a, ckpt_path, data, files):
+    """The lever this benchmark points at: our image pass and text classifier under bf16 autocast
+    (what CLIP_benchmark runs on CPU unless --no_amp) against fp32, in this process, 0 workers,
+    on --lever-images images spread over the classes and the first --lever-classes classes' text
+    classifier: -> rows of (what, fp32 (wall s, CPU s), bf16 (wall s, CPU s), agreement, its format).
+    eval_zeroshot.py has no bf16 option (yet)."""
+    import torch
+    import engine
+    import evalsets
+    import zeroshot
+    device = torch.device('cpu')
+    model, tokenizer = load_ours(a, ckpt_path, device)
+    dataset, classnames, prompts = dataset_ours(a, data, files)
+    subset = torch.utils.data.Subset(dataset, range(0, len(dataset), max(1, len(dataset) // a.lever_images)))
+    loader = torch.utils.data.DataLoader(subset, batch_size=a.batch_size, num_workers=0, collate_fn=evalsets.collate)
+    weights = zeroshot.cached_classifier(model, 'z', classnames, prompts, tokenizer, device)
+    out = {}
+    for precision in ('fp32', 'bf16'):
+        clock = Clock()
+        with torch.no_grad(), engine.autocast(device, precision):
+            with clock('text'):
+                text = zeroshot.cached_classifier(model, 'z', classnames[:a.lever_classes], prompts, tokenizer, device)
+            with clock('image'):
+                logits, _ = zeroshot.run_classification(model, loader, {'z': weights.t().contiguous()}, device)
+        out[precision] = (clock, text.float(), logits['z'].float())
+    (c32, t32, l32), (c16, t16, l16) = out['fp32'], out['bf16']
+    same = (l32.argmax(1) == l16.argmax(1)).float().mean().item()
+    cos = torch.nn.functional.cosine_similarity(t32.flatten(1), t16.flatten(1), dim=-1).min().item()
+    return [(f'image pass, {len(subset)} images', c32.phases['image'], c16.phases['image'],
+             same, 'same top-1 class for {:.1%} of the images'),
+            (f'text classifier, {min(a.lever_classes, len(classnames))} classes x {len(prompts)} prompts',
+             c32.phases['text'], c16.phases['text'], cos, 'class embeddings: cosine >= {:.5f}')]
+
+
+def print_bf16_lever(a, ckpt, data, files):
+    print(f"\nthe lever: bf16 autocast (ours, in process, 0 workers; {torch_note()}):\n")
+    print("| phase | fp32 wall s / CPU s | bf16 wall s / CPU s | fp32 / bf16 wall | agreement |\n|---|---|---|---|---|")
+    for what, f32, b16, agreement, text in bf16_lever(a, ckpt, data, files):
+        print(f"| {what} | {f32[0]:.2f} / {f32[1]:.2f} | {b16[0]:.2f} / {b16[1]:.2f} | "
+              f"{f32[0] / b16[0]:.2f}x | {text.format(agreement)} |", flush=True)
+
+
+def torch_note():
+    """bf16 speed on CPU depends on the matrix units: say whether this CPU reports AMX."""
+    import torch
+    flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    return f"torch {torch.__version__}, this CPU {'has' if 'amx_bf16' in flags else 'reports no'} AMX bf16"
+
+
 def print_phases(a, ckpt, export, data, files, work):
     """Each side split into phases, in this process, no loader workers (one pass each); -> the
     metrics of both sides (equal: asserted by the caller)."""
@@ -262,21 +322,28 @@ def get_args(argv=None):
     p.add_argument('--templates', type=int, default=80, help="prompt templates (the first N of ImageNet's 80)")
     p.add_argument('--batch-size', type=int, default=64, help="both sides (CLIP_benchmark's default)")
     p.add_argument('--workers', type=int, default=2, help='data-loading processes, both sides')
-    p.add_argument('--rounds', type=int, default=3, help='interleaved rounds (min / median / max)')
+    p.add_argument('--rounds', type=int, default=3,
+                   help='interleaved rounds (min / median / max; 0: only the in-process phases and the lever)')
     p.add_argument('--no-phases', dest='phases', action='store_false',
                    help='skip the in-process split of each side into import, model load, text classifier, '
                         'image pass and metrics')
+    p.add_argument('--lever-images', type=int, default=1000,
+                   help='images (spread over the classes) in the bf16-autocast lever measurement (0: skip it)')
+    p.add_argument('--lever-classes', type=int, default=10, help='classes whose text classifier the lever times')
     p.add_argument('--data-dir', default=None, help='reuse/keep the ImageFolder and model here (default: a temp dir)')
     p.add_argument('--quick', action='store_true',
                    help='smoke run: CLIP_TINYVIT_CLIP at 32 px, 10 classes x 4 templates x 5 images, 1 round')
     a = p.parse_args(argv)
     if a.quick:
         a.model, a.image_size, a.classes, a.per_class, a.templates = 'CLIP_TINYVIT_CLIP', 32, 10, 5, 4
-        a.batch_size, a.workers, a.rounds = 16, 0, 1
+        a.batch_size, a.workers, a.rounds, a.lever_images, a.lever_classes = 16, 0, 1, 16, 2
     if not 5 <= a.classes <= 1000 or not 1 <= a.templates <= 80:    # acc5 needs 5 classes
         p.error('--classes must be in 5..1000 and --templates in 1..80 (ImageNet\'s class names and templates)')
-    if min(a.per_class, a.batch_size, a.rounds, a.image_size) < 1 or a.workers < 0:
-        p.error('--per-class, --batch-size, --rounds and --image-size must be >= 1, --workers >= 0')
+    if min(a.per_class, a.batch_size, a.image_size) < 1 or min(a.workers, a.rounds, a.lever_images) < 0:
+        p.error('--per-class, --batch-size and --image-size must be >= 1, --workers, --rounds and '
+                '--lever-images >= 0')
+    if not (a.rounds or a.phases or a.lever_images):
+        p.error('--rounds 0 with --no-phases and --lever-images 0 leaves nothing to measure')
     return a
 
 
@@ -294,12 +361,16 @@ def main(argv=None):
         work = os.path.join(folder, 'runs')
         os.makedirs(work, exist_ok=True)
         times, metrics = run_rounds(a, commands(a, data, ckpt, export, files, work), work)
-        print_table(times, metrics, a.classes * a.per_class, a)
+        if a.rounds:
+            print_table(times, metrics, a.classes * a.per_class, a)
         if a.phases:
             metrics.update(print_phases(a, ckpt, export, data, files, work))
+        if a.lever_images:
+            print_bf16_lever(a, ckpt, data, files)
         reference = check_same_metrics(metrics)
         runs = sum(len(v) for v in metrics.values())
-        print(f"\nidentical acc1 / acc5 / mean per-class recall in all {runs} runs: {reference}")
+        if runs:
+            print(f"\nidentical acc1 / acc5 / mean per-class recall in all {runs} runs: {reference}")
     return times, reference
 
 

@@ -92,6 +92,16 @@ def test_eval_phases_of_both_sides_give_identical_metrics(eval_inputs):
         ev.check_same_metrics({'ours cold': [ours], 'ours warm': [dict(ours, acc1=ours['acc1'] + 0.5)]})
 
 
+def test_eval_bf16_lever_times_both_precisions_and_agrees(eval_inputs):
+    ev, a, folder, ckpt, export, files = eval_inputs
+    (image, f32, b16, same, _), (text, t32, t16, cos, _) = ev.bf16_lever(a, ckpt, os.path.join(folder, 'data'), files)
+    n = a.classes * a.per_class                                           # spread over every class
+    assert image == f'image pass, {len(range(0, n, n // a.lever_images))} images'
+    assert text == f'text classifier, {a.lever_classes} classes x {a.templates} prompts'
+    assert min(*f32, *b16, *t32, *t16) > 0 and 0 <= same <= 1
+    assert 0.98 < cos <= 1.0001                # bf16 rounding, not another model
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
 def test_eval_vs_clip_benchmark_end_to_end(eval_inputs, capsys):
