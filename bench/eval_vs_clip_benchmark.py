@@ -243,7 +243,7 @@ def bf16_lever(a, ckpt_path, data, files):
     (what CLIP_benchmark runs on CPU unless --no_amp) against fp32, in this process, 0 workers,
     on --lever-images images spread over the classes and the first --lever-classes classes' text
     classifier: -> rows of (what, fp32 (wall s, CPU s), bf16 (wall s, CPU s), agreement, its format).
-    eval_zeroshot.py has no bf16 option (yet)."""
+    `eval_zeroshot.py --precision bf16` evaluates this way."""
     import torch
     import engine
     import evalsets

@@ -65,6 +65,25 @@ def test_sweep_writes_clip_benchmark_files_csv_and_skips_missing(tmp_path, ckpt,
     assert 'text features: 2 from cache, 0 computed' in capsys.readouterr().out
 
 
+def test_bf16_evaluation_keeps_its_own_text_cache(tmp_path, ckpt, capsys):
+    make_imagefolder(tmp_path / 'data' / 'gen')
+    files = write_catalog(tmp_path, {'gen': {'type': 'imagefolder', 'path': 'gen', 'display': 'Gen'}})
+    out = tmp_path / 'out'
+    args = ['--resume', ckpt, '--data-root', str(tmp_path / 'data'), '--output-dir', str(out),
+            '--cache-dir', str(tmp_path / 'cache'), '--batch-size', '4', '--catalog', files['catalog'],
+            '--labels', files['labels'], '--templates', files['templates']]
+    record = out / 'gen_tiny_CLIP_TINYVIT_CLIP_32px_zeroshot_classification.json'
+    for precision, cached in (('fp32', 0), ('bf16', 0), ('bf16', 1)):  # bf16 never reads fp32 features
+        results = eval_zeroshot.main(args + ['--precision', precision])
+        assert f'text features: {cached} from cache, {1 - cached} computed' in capsys.readouterr().out
+        assert json.load(open(record))['precision'] == precision and 0 <= results['gen']['top1'] <= 100
+    assert len(os.listdir(tmp_path / 'cache')) == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            eval_zeroshot.main(args + ['--precision', 'amp'])
+        assert '--precision amp needs CUDA; valid on CPU: fp32, bf16' in capsys.readouterr().err
+
+
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')           # inside CLIP_benchmark
 def test_clip_benchmark_parity(tmp_path, ckpt, monkeypatch):
     """CLIP_benchmark's own CLI (model type registered by eval_zeroshot) and eval_zeroshot.py
