@@ -26,6 +26,12 @@ def cosine_lr(step, total_steps, warmup_steps, lr, lr_start, lr_end):
     return lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def check_precision(precision, cuda):
+    """One-line error for a --precision the device cannot run (`cuda`: the run is on a GPU)."""
+    if precision == 'amp' and not cuda:
+        raise ValueError("--precision amp needs CUDA; valid on CPU: fp32, bf16")
+
+
 def autocast(device, precision):
     if precision == 'fp32':
         return contextlib.nullcontext()

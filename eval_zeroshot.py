@@ -242,8 +242,10 @@ def main(argv=None):
         parser.error(str(e))
     device = torch.device('cuda' if args.device == 'cuda' or (
         args.device == 'auto' and torch.cuda.is_available()) else 'cpu')
-    if args.precision == 'amp' and device.type != 'cuda':
-        parser.error("--precision amp needs CUDA; valid on CPU: fp32, bf16")
+    try:
+        engine.check_precision(args.precision, cuda=device.type == 'cuda')
+    except ValueError as e:
+        parser.error(str(e))
     check_outputs(args, parser)                                 # before the evaluation, not after it
     sha = checkpoint.file_sha256(args.resume)
     # keyed by the weights and the arithmetic used (fp32 keys are those of earlier versions)

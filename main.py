@@ -246,8 +246,7 @@ def resolve_args(args):
         args.precision = 'fp32'
     if args.precision == 'auto':
         args.precision = 'amp' if torch.cuda.is_available() else 'fp32'
-    if args.precision == 'amp' and not torch.cuda.is_available():
-        raise ValueError("--precision amp needs CUDA; valid on CPU: fp32, bf16")
+    engine.check_precision(args.precision, cuda=torch.cuda.is_available())
     for key, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
