@@ -150,13 +150,17 @@ def logs(out_dir, tail=2000):
 def wait_done(job, out_dir, timeout=360):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        state = job_info(job).get('JobState')
-        if state in DONE:
-            assert state == 'COMPLETED', f'job {job}: {state}' + logs(out_dir)
+        info = job_info(job)
+        if info.get('JobState') in DONE:
+            assert info['JobState'] == 'COMPLETED', f'job {job}: {info["JobState"]}' + logs(out_dir)
             return
         time.sleep(1)
     subprocess.run(['scancel', job])
-    pytest.fail(f'job {job} not finished after {timeout} s' + logs(out_dir))
+    # A job that never started says why (e.g. Reason=Resources when the node registered fewer CPUs
+    # than the job's tasks: slurmd counts only the CPUs this process may use, so under taskset).
+    pytest.fail(f'job {job} not finished after {timeout} s (JobState={info.get("JobState")}, '
+                f'Reason={info.get("Reason")}, CPUs this process may use: {len(os.sched_getaffinity(0))})'
+                + logs(out_dir))
 
 
 def wait_for(predicate, what, timeout=240):
