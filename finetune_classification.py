@@ -161,13 +161,13 @@ def build_classifier(pre, head, image_size, num_classes, device='cpu'):
     return ImageClassifier(clip, head, num_classes).to(device), clip
 
 
-def _json_file_or_catalog_key(flag, value, load_known, catalog_file):
-    """A flag's value: the JSON in the file it names, else the entry of that key in
-    `load_known()` (called only then: the catalog files are not read for a user's file)."""
+def _json_file_or_catalog_key(flag, value, catalog_file):
+    """A flag's value: the JSON in the file it names, else the entry of that key in the
+    repository's `catalog_file` (read only then)."""
     if os.path.isfile(value):
         with open(value) as f:
             return json.load(f)
-    known = load_known()
+    known = zeroshot.read_json(None, catalog_file)
     if value not in known:
         raise ValueError(f"{flag} {value}: neither a file nor a key of {catalog_file} (keys: {', '.join(known)})")
     return known[value]
@@ -177,7 +177,7 @@ def resolve_names(folders, labels):
     """Class names for sorted class folders: folder names, or --labels (labels.json key or file)."""
     if not labels:
         return [f.replace('_', ' ') for f in folders]
-    names = _json_file_or_catalog_key('--labels', labels, lambda: zeroshot.load_catalog()[1], 'labels.json')
+    names = _json_file_or_catalog_key('--labels', labels, 'labels.json')
     if isinstance(names, dict):
         missing = [f for f in folders if f not in names]
         if missing:
@@ -190,8 +190,7 @@ def resolve_names(folders, labels):
 
 
 def resolve_templates(templates):
-    found = _json_file_or_catalog_key('--templates', templates, lambda: zeroshot.load_catalog()[2],
-                                      'templates.json')
+    found = _json_file_or_catalog_key('--templates', templates, 'templates.json')
     if not (isinstance(found, list) and found and all(isinstance(t, str) and '{}' in t for t in found)):
         raise ValueError(f"--templates {templates}: expected a non-empty list of strings with '{{}}'")
     return found

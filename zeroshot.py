@@ -32,7 +32,7 @@ CLASSES_PER_BATCH = 16
 
 # ----------------------------------------------------------------------------- catalog
 
-def _read_json(path, default):
+def read_json(path, default):
     """A user-given path as is; else the repository's file `default`."""
     with open(path or os.path.join(HERE, default)) as f:
         return json.load(f)
@@ -40,14 +40,14 @@ def _read_json(path, default):
 
 def load_catalog(catalog=None, labels=None, templates=None):
     """(catalog, labels, templates) dicts; defaults: the repository's three JSON files."""
-    return (_read_json(catalog, 'dataset_catalog.json'), _read_json(labels, 'labels.json'),
-            _read_json(templates, 'templates.json'))
+    return (read_json(catalog, 'dataset_catalog.json'), read_json(labels, 'labels.json'),
+            read_json(templates, 'templates.json'))
 
 
 def check_names(names, data_root=None, catalog=None, paths=None):
     """Raise ValueError naming the valid choices if a dataset is not in the catalog, or, when
     `data_root` is given, naming the path where a dataset's files were looked for."""
-    cat = _read_json(catalog, 'dataset_catalog.json')
+    cat = read_json(catalog, 'dataset_catalog.json')
     unknown = [n for n in names if n not in cat]
     if unknown:
         raise ValueError(f"unknown zero-shot dataset(s) {', '.join(unknown)}; "
@@ -62,7 +62,7 @@ def check_names(names, data_root=None, catalog=None, paths=None):
 
 def shift_sets(base, catalog=None):
     """Catalog entries that are distribution shifts of `base` (their `shift_of`), catalog order."""
-    cat = catalog if catalog is not None else _read_json(None, 'dataset_catalog.json')
+    cat = catalog if catalog is not None else read_json(None, 'dataset_catalog.json')
     return [n for n, entry in cat.items() if entry.get('shift_of') == base]
 
 
