@@ -156,7 +156,7 @@ def wait_done(job, out_dir, timeout=360):
             return
         time.sleep(1)
     subprocess.run(['scancel', job])
-    # A job that never started says why (e.g. Reason=Resources when the node registered fewer CPUs
+    # A job that never started says why (e.g. Reason=PartitionConfig when the node registered fewer CPUs
     # than the job's tasks: slurmd counts only the CPUs this process may use, so under taskset).
     pytest.fail(f'job {job} not finished after {timeout} s (JobState={info.get("JobState")}, '
                 f'Reason={info.get("Reason")}, CPUs this process may use: {len(os.sched_getaffinity(0))})'
