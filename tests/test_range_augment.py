@@ -340,18 +340,8 @@ def test_two_processes_equal_one_pass_with_each_ranks_draws(case, tmp_path):
     """Under torchrun (2 gloo processes) the ranges' gradients are all-reduced with the model's:
     loss and every gradient equal one process computing the whole batch with the draws each
     rank makes (tests/dist_step.py), with cached accumulation too."""
-    from test_distributed import SCRIPT, _run
+    from test_distributed import assert_same_loss_and_grads, one_and_two_processes
     model, *flags = DIST_CASES[case]
-    flags = [*flags, '--range-augment']
-    one, two = str(tmp_path / 'one.pt'), str(tmp_path / 'two.pt')
-    _run([sys.executable, SCRIPT, model, one, *flags], tmp_path)
-    _run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-          '--master_port', str(29700 + os.getpid() % 200), SCRIPT, model, two, *flags], tmp_path)
-    ref, got = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    assert torch.allclose(got['loss'], ref['loss'], rtol=1e-5, atol=0), (got['loss'], ref['loss'])
-    assert ref['grads'].keys() == got['grads'].keys()
+    ref, got = one_and_two_processes(model, [*flags, '--range-augment'], tmp_path, 29700)
+    assert_same_loss_and_grads(ref, got)
     assert any(n.startswith('range_augment.') for n in ref['grads'])
-    floor = 1e-9 * max(float(g.norm()) for g in ref['grads'].values())
-    for name, g in ref['grads'].items():
-        err = (got['grads'][name] - g).norm() / g.norm().clamp_min(floor)
-        assert err <= 1e-5, (name, float(err))
