@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import methods  # noqa: E402
+from plots import read_jsonl  # noqa: E402
 import zeroshot  # noqa: E402
 
 SHIFTS = zeroshot.shift_sets('shapes')
@@ -58,6 +59,9 @@ def demo_epochs():
     return train.DATASET_DEFAULTS['shapes']['epochs']
 
 
+USAGE = 'bench_usage.txt'   # one JSON line per invocation of main.py: CPU and wall seconds, exit code
+
+
 def run(method, epochs, seed, args, out_dir):
     """(accuracies, EMA top-1, training minutes, CPU minutes, samples/s, invocations) of one
     run in `out_dir`: trained (or resumed) unless its log already ends with the evaluation."""
@@ -66,16 +70,15 @@ def run(method, epochs, seed, args, out_dir):
            '--output-dir', out_dir, '--epochs', str(epochs),
            '--train-num-samples', str(args.train_num_samples), '--eval-freq', str(epochs)]
     cmd += FLAGS.get(method, []) + shlex.split(args.extra_flags)
-    if not _finished(out_dir, epochs):
+    if not _finished(read_jsonl(os.path.join(out_dir, 'log.txt')), epochs):
         code = _train_and_record_usage(cmd, out_dir)
         if code != 0:
             hint = ('rerun the same command to resume' if args.runs_dir
                     else 'pass --runs-dir to keep runs that can resume')
             raise SystemExit(f"methods_shapes.py: error: {method} seed {seed}: main.py exited with "
                              f"{code} (its output: {out_dir}); {hint}")
-    last = _last_log(out_dir)
-    with open(os.path.join(out_dir, USAGE)) as f:
-        usage = [json.loads(line) for line in f]
+    last = read_jsonl(os.path.join(out_dir, 'log.txt'))[-1]
+    usage = read_jsonl(os.path.join(out_dir, USAGE))
     cpu_min = sum(u['cpu_s'] for u in usage) / 60
     # one invocation: main.py's own training time; resumed: the invocations' wall time, set-up included
     minutes = last['train_time_s'] / 60 if len(usage) == 1 else sum(u['wall_s'] for u in usage) / 60
@@ -83,20 +86,8 @@ def run(method, epochs, seed, args, out_dir):
     return splits, last.get('ema_shapes_top1'), minutes, cpu_min, last['train_samples_per_s'], len(usage)
 
 
-USAGE = 'bench_usage.txt'   # one JSON line per invocation of main.py: CPU and wall seconds, exit code
-
-
-def _last_log(out_dir):
-    try:
-        with open(os.path.join(out_dir, 'log.txt')) as f:
-            return [json.loads(line) for line in f][-1]
-    except (OSError, IndexError):
-        return None
-
-
-def _finished(out_dir, epochs):
-    last = _last_log(out_dir)
-    return last is not None and last['epoch'] == epochs and 'shapes_shift_mean_top1' in last
+def _finished(logs, epochs):
+    return bool(logs) and logs[-1]['epoch'] == epochs and 'shapes_shift_mean_top1' in logs[-1]
 
 
 def _train_and_record_usage(cmd, out_dir):
