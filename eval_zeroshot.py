@@ -48,8 +48,8 @@ def get_args_parser():
     parser.add_argument('--batch-size', type=int, default=256, help='images per batch (256)')
     parser.add_argument('-j', '--workers', type=int, default=0, help='data-loading processes (0; 8 on a GPU node)')
     parser.add_argument('--classes-per-batch', type=int, default=zeroshot.CLASSES_PER_BATCH,
-                        help='classes whose prompts go through the text tower together: bounds memory '
-                             f'(default {zeroshot.CLASSES_PER_BATCH}; 1 = CLIP_benchmark order)')
+                        help='N: each text-tower call encodes N x (number of templates) prompts, sorted '
+                             f'by token length; bounds memory (default {zeroshot.CLASSES_PER_BATCH})')
     parser.add_argument('--cache-dir', default=None,
                         help='on-disk text-feature cache keyed by (checkpoint hash, class names, templates, '
                              'context length); a second run skips the text tower '

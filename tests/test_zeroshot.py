@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evalsets
 import shapes
@@ -215,3 +216,35 @@ def test_classifier_is_independent_of_batching_and_averages_synonyms(tokenizer):
     b = zeroshot.build_classifier(model, names, ['a {}.', 'the {}!'], tokenizer, 'cpu', classes_per_batch=8)
     assert torch.allclose(a, b) and a.shape == (3, 4)
     assert torch.allclose(a[1], torch.tensor([0, 2 ** -0.5, 2 ** -0.5, 0]))
+
+
+def test_prompts_go_through_the_text_tower_in_length_sorted_batches(tokenizer):
+    """The classifier sorts prompts by token length before batching (a causal tower runs only
+    up to its batch's longest prompt); every prompt's embedding equals the one it gets alone."""
+    import models
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINYCNN_CLIP').eval()
+    names = ['cat', ['great white shark', 'white pointer'], 'ox', 'a hammerhead shark seen from below!']
+    templates = ['a {}.', 'a bad photo of the {} in the wild at night.', '{}']
+    encode, lengths = model.encode_text, []
+
+    def spy(tokens, **kwargs):
+        lengths.append(zeroshot.token_lengths(tokens))
+        return encode(tokens, **kwargs)
+    model.encode_text = spy
+    got = zeroshot.build_classifier(model, names, templates, tokenizer, 'cpu', classes_per_batch=1)
+    seen = torch.cat(lengths)
+    assert [len(x) for x in lengths] == [3, 3, 3, 3, 3] and torch.equal(seen, seen.sort().values)
+    assert seen[0] < seen[-1]
+    model.encode_text = encode
+    expected = []
+    for name in names:
+        prompts = [t.format(n) for n in (name if isinstance(name, list) else [name]) for t in templates]
+        alone = torch.cat([F.normalize(encode(tokenizer([p])), dim=-1) for p in prompts]).mean(dim=0)
+        expected.append(alone / alone.norm())
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+
+
+def test_token_lengths_count_up_to_the_last_non_padding_token(tokenizer):
+    tokens = tokenizer(['a', 'the cat!', ''])                     # '!' is id 0 in CLIP's BPE
+    assert zeroshot.token_lengths(tokens).tolist() == [3, 5, 2]   # SOT ... EOT
