@@ -1,7 +1,7 @@
 # make demo : train the default small CLIP on the embedded `shapes` set (CPU, ~8 min), print its zero-shot top-1
 # make test : the whole test suite (unit, integration, system)
 # make bench: training step vs OpenCLIP + MFU, memory, scaling, data loading vs open_clip_train's pipeline,
-#             zero-shot evaluation vs CLIP_benchmark (bench/RESULTS.md; hours on 2 CPU cores); QUICK=1: smoke run, minutes
+#             zero-shot evaluation vs CLIP_benchmark, the text classifier (bench/RESULTS.md; hours on 2 CPU cores); QUICK=1: smoke run, minutes
 # Each first runs the set-up (`make setup`): the Debian packages the suite uses (as root),
 # .venv with requirements.txt, and WordNet for NLTK. Only what is missing is redone.
 VENV   ?= .venv
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -u bench/scaling.py $(BENCH_FLAGS)
 	$(PY) -u bench/openclip_pipeline.py $(BENCH_FLAGS)
 	$(PY) -u bench/eval_vs_clip_benchmark.py $(BENCH_FLAGS)
+	$(PY) -u bench/text_classifier.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf output .pytest_cache

@@ -40,12 +40,29 @@ class CausalSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x, past=None):
+        """`past`: (keys, values, allowed) of prefixes that the rows of x continue (causal only):
+        keys / values [B, H, Lp, W/H] (`keys_values`), allowed [B, 1, L, Lp + L] which prefix
+        and own positions each position attends to (Transformer.continue_prefix)."""
+        B, L, W = x.shape
+        q, k, v = self._qkv(x)
+        if past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)   # [B, H, L, W/H]
+        else:
+            keys, values, allowed = past
+            y = F.scaled_dot_product_attention(q, torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2),
+                                               attn_mask=allowed)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
+
+    def _qkv(self, x):
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)      # [B, L, 3W]
-        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)   # [B, H, L, W/H]
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
+        return qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+
+    def keys_values(self, x):
+        """-> (keys, values) [B, H, L, W/H] of x's positions: what a continuation attends to."""
+        _, k, v = self._qkv(x)
+        return k, v
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -64,12 +81,12 @@ class ResidualAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, local=False):
+    def forward(self, x, local=False, past=None):
         if local:
             x = self.dropout(x)
             x = x + self.drop_path(self.attn(self.ln_1(x)))
             return x + self.drop_path(self.mlp(self.ln_2(x)))
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), past)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -93,4 +110,29 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, local, use_reentrant=False)
             else:
                 x = block(x, local)
+        return x
+
+    @torch.no_grad()
+    def prefix_cache(self, x):
+        """x: [N, Lp, width], N prefixes shared by many sequences (causal blocks only; a
+        shorter prefix padded at its end) -> each block's (keys, values) of them."""
+        cache = []
+        for block in self.resblocks:
+            cache.append(block.attn.keys_values(block.ln_1(x)))
+            x = block(x)
+        return cache
+
+    @torch.no_grad()
+    def continue_prefix(self, x, cache, which, lengths):
+        """x: [B, L, width], sequences that continue prefix which[b] of `cache` (whose first
+        lengths[b] positions are real; x's positional embeddings already offset by them) ->
+        [B, L, width]: what the blocks give these positions of prefix + x, without running the
+        prefixes again."""
+        B, L, _ = x.shape
+        prefix_len = cache[0][0].shape[2]
+        real = torch.arange(prefix_len, device=x.device) < lengths[:, None]             # [B, Lp]
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        allowed = torch.cat([real[:, None].expand(B, L, prefix_len), causal.expand(B, L, L)], dim=-1)[:, None]
+        for block, (keys, values) in zip(self.resblocks, cache):
+            x = block(x, past=(keys[which], values[which], allowed))
         return x

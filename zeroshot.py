@@ -148,36 +148,77 @@ def token_lengths(tokens):
     return ((tokens != 0) * positions).amax(dim=-1)
 
 
+def common_prefix_length(tokens):
+    """Leading positions that every row of `tokens` [P, L] shares, short of each row's last
+    token (every row keeps at least its EOT)."""
+    same = (tokens == tokens[:1]).all(dim=0)
+    return min(int(same.long().cumprod(dim=0).sum()), int(token_lengths(tokens).min()) - 1)
+
+
 @torch.no_grad()
 def build_classifier(model, classnames, templates, tokenizer, device,
                      classes_per_batch=CLASSES_PER_BATCH, **encode_kwargs):
     """[C, D] class embeddings: each class's prompt embeddings (templates x synonyms),
     normalised, averaged, normalised again. A class may be a list of synonyms.
-    The prompts go through the text tower sorted by token length, `classes_per_batch` x
-    len(templates) per call (bounds memory): a causal text tower runs only up to the longest
-    prompt of its batch (models.CLIP.encode_text), so batches of equal lengths pad 1.6x fewer
-    tokens than batches of whole classes (ImageNet's 80 templates); each prompt's embedding
-    is the same either way, up to float rounding."""
+    `classes_per_batch` x len(templates) prompts go through the text tower per call (bounds
+    memory), two savings that leave each prompt's embedding the same up to float rounding:
+    - prompts are batched by token length: a causal tower runs only up to the longest prompt
+      of its call (models.CLIP.encode_text), so 1.6x fewer tokens than whole classes per call
+      (ImageNet's 80 templates);
+    - with our own causal text transformer (model.shares_text_prefix), the prompts of one
+      template run from its shared prefix ("a photo of a"), computed once
+      (models.CLIP.encode_text_after_prefix): half of those tokens again."""
     prompts, counts = [], []
     for name in classnames:
         names = name if isinstance(name, list) else [name]
         prompts += [t.format(n) for n in names for t in templates]
         counts.append(len(names) * len(templates))
-    tokens = tokenizer(prompts)
     per_call = max(1, classes_per_batch) * max(1, len(templates))
-    order = torch.argsort(token_lengths(tokens), stable=True)
-    embeddings = None                                               # [P, D], prompt order
-    for start in range(0, len(prompts), per_call):
-        rows = order[start:start + per_call]
-        emb = F.normalize(model.encode_text(tokens[rows].to(device), **encode_kwargs).float(), dim=-1)
-        if embeddings is None:
-            embeddings = emb.new_empty(len(prompts), emb.shape[1])
-        embeddings[rows.to(emb.device)] = emb
+    embeddings = prompt_embeddings(model, tokenizer(prompts), len(templates), per_call, device, **encode_kwargs)
     weights = []
     for part in embeddings.split(counts):
         mean = part.mean(dim=0)
         weights.append(mean / mean.norm())
     return torch.stack(weights)
+
+
+def prompt_embeddings(model, tokens, num_templates, per_call, device, **encode_kwargs):
+    """[P, D] normalised text embeddings of tokens [P, L] (prompt i uses template i % num_templates),
+    per_call prompts of similar length per text-tower call."""
+    shares = getattr(model, 'shares_text_prefix', None)
+    prefixes = None
+    if shares is not None and shares():
+        prefixes, starts, which, tokens = template_prefixes(tokens, num_templates)
+        prefixes = model.text_prefixes(prefixes.to(device), starts.to(device))
+        which = which.to(device)
+    order = torch.argsort(token_lengths(tokens), stable=True)
+    embeddings = None
+    for start in range(0, len(order), per_call):
+        pick = order[start:start + per_call]
+        batch = tokens[pick].to(device)
+        if prefixes is None:
+            emb = model.encode_text(batch, **encode_kwargs)
+        else:
+            emb = model.encode_text_after_prefix(prefixes, which[pick.to(device)], batch, **encode_kwargs)
+        emb = F.normalize(emb.float(), dim=-1)
+        if embeddings is None:
+            embeddings = emb.new_empty(len(tokens), emb.shape[1])
+        embeddings[pick.to(emb.device)] = emb
+    return embeddings
+
+
+def template_prefixes(tokens, num_templates):
+    """Split each prompt (tokens [P, L], prompt i from template i % num_templates) into the
+    prefix its template's prompts all share and the rest -> (prefixes [T, Lp] padded with 0,
+    their lengths [T], template of each prompt [P], rest [P, L] shifted left, padded with 0)."""
+    which = torch.arange(len(tokens)) % num_templates
+    starts = torch.tensor([common_prefix_length(tokens[t::num_templates]) for t in range(num_templates)])
+    prefixes = torch.zeros(num_templates, int(starts.max()), dtype=tokens.dtype)
+    for t, n in enumerate(starts.tolist()):
+        prefixes[t, :n] = tokens[t, :n]
+    columns = starts[which][:, None] + torch.arange(tokens.shape[1])
+    rest = tokens.gather(1, columns.clamp(max=tokens.shape[1] - 1))
+    return prefixes, starts, which, rest.masked_fill(columns >= tokens.shape[1], 0)
 
 
 def cached_classifier(model, head, classnames, templates, tokenizer, device, cache=None,

@@ -1,6 +1,7 @@
 """The benchmarks against other tools' pipelines (issue 22) run on tiny data, so they cannot rot:
 bench/openclip_pipeline.py (our wds loader vs open_clip_train's webdataset pipeline) and
-bench/eval_vs_clip_benchmark.py (eval_zeroshot.py vs CLIP_benchmark on an exported model)."""
+bench/eval_vs_clip_benchmark.py (eval_zeroshot.py vs CLIP_benchmark on an exported model), and
+bench/text_classifier.py (the zero-shot text classifier per class, length-sorted, with shared prefixes)."""
 import io
 import os
 import sys
@@ -112,3 +113,14 @@ def test_eval_vs_clip_benchmark_end_to_end(eval_inputs, capsys):
     assert set(times) == set(ev.ARMS) and all(w > 0 and c > 0 for runs in times.values() for w, c in runs)
     out = capsys.readouterr().out
     assert 'identical acc1 / acc5 / mean per-class recall in all 4 runs' in out
+
+
+def test_text_classifier_ways_agree_and_shared_prefixes_run_fewer_tokens(capsys):
+    import text_classifier
+    times, tokens, weights = text_classifier.main(['--quick'])
+    assert set(times) == set(text_classifier.WAYS) and all(w > 0 for runs in times.values() for w, _ in runs)
+    assert tokens['sorted + prefixes'] < tokens['sorted'] <= tokens['per class']
+    for way in text_classifier.WAYS:
+        assert weights[way].shape == (10, 128)
+        assert torch.allclose(weights[way], weights['per class'], atol=1e-6), way
+    assert '| sorted + prefixes |' in capsys.readouterr().out

@@ -218,31 +218,72 @@ def test_classifier_is_independent_of_batching_and_averages_synonyms(tokenizer):
     assert torch.allclose(a[1], torch.tensor([0, 2 ** -0.5, 2 ** -0.5, 0]))
 
 
-def test_prompts_go_through_the_text_tower_in_length_sorted_batches(tokenizer):
-    """The classifier sorts prompts by token length before batching (a causal tower runs only
-    up to its batch's longest prompt); every prompt's embedding equals the one it gets alone."""
-    import models
-    torch.manual_seed(0)
-    model = models.create_model('CLIP_TINYCNN_CLIP').eval()
-    names = ['cat', ['great white shark', 'white pointer'], 'ox', 'a hammerhead shark seen from below!']
-    templates = ['a {}.', 'a bad photo of the {} in the wild at night.', '{}']
-    encode, lengths = model.encode_text, []
-
-    def spy(tokens, **kwargs):
-        lengths.append(zeroshot.token_lengths(tokens))
-        return encode(tokens, **kwargs)
-    model.encode_text = spy
-    got = zeroshot.build_classifier(model, names, templates, tokenizer, 'cpu', classes_per_batch=1)
-    seen = torch.cat(lengths)
-    assert [len(x) for x in lengths] == [3, 3, 3, 3, 3] and torch.equal(seen, seen.sort().values)
-    assert seen[0] < seen[-1]
-    model.encode_text = encode
+def _classifier_of_single_prompts(encode, names, templates, tokenizer, **kwargs):
+    """The reference: every prompt through the text tower alone (no padding, no prefix cache)."""
     expected = []
     for name in names:
         prompts = [t.format(n) for n in (name if isinstance(name, list) else [name]) for t in templates]
-        alone = torch.cat([F.normalize(encode(tokenizer([p])), dim=-1) for p in prompts]).mean(dim=0)
+        alone = torch.cat([F.normalize(encode(tokenizer([p]), **kwargs), dim=-1) for p in prompts]).mean(dim=0)
         expected.append(alone / alone.norm())
-    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+    return torch.stack(expected)
+
+
+NAMES = ['cat', ['great white shark', 'white pointer'], 'ox', 'a hammerhead shark seen from below!']
+PROMPTS = ['a {}.', 'a bad photo of the {} in the wild at night.', '{}', 'itap of my {}!']
+
+
+@pytest.mark.parametrize('name', ['CLIP_TINYCNN_CLIP', 'CL2L_TINYCNN_CL2L'])
+def test_classifier_from_shared_prefixes_and_sorted_batches_equals_single_prompts(name, tokenizer):
+    """Our causal text tower: each template's shared prefix runs once, the rest in batches
+    sorted by length; the class embeddings equal those of every prompt encoded alone."""
+    import models
+    torch.manual_seed(0)
+    model = models.create_model(name).eval()
+    calls, after_prefix = [], model.encode_text_after_prefix
+
+    def spy(prefixes, which, rest, **kwargs):
+        calls.append(zeroshot.token_lengths(rest))
+        return after_prefix(prefixes, which, rest, **kwargs)
+    model.encode_text_after_prefix = spy
+    for head in zeroshot.model_heads(model):
+        calls.clear()
+        got = zeroshot.build_classifier(model, NAMES, PROMPTS, tokenizer, 'cpu', classes_per_batch=1,
+                                        **zeroshot._head_kwargs(model, head))
+        seen = torch.cat(calls)
+        assert [len(c) for c in calls] == [4, 4, 4, 4, 4] and torch.equal(seen, seen.sort().values)
+        expected = _classifier_of_single_prompts(model.encode_text, NAMES, PROMPTS, tokenizer,
+                                                 **zeroshot._head_kwargs(model, head))
+        assert torch.allclose(got, expected, atol=1e-6), head
+
+
+def test_towers_without_a_shared_prefix_get_length_sorted_batches(tokenizer):
+    import models
+    torch.manual_seed(0)
+    model = models.create_model('CLIP_TINYCNN_CLIP').eval()
+    model.shares_text_prefix = lambda: False                     # e.g. CLIPA's bidirectional tower
+    encode, calls = model.encode_text, []
+
+    def spy(tokens, **kwargs):
+        calls.append(zeroshot.token_lengths(tokens))
+        return encode(tokens, **kwargs)
+    model.encode_text = spy
+    got = zeroshot.build_classifier(model, NAMES, PROMPTS, tokenizer, 'cpu', classes_per_batch=1)
+    seen = torch.cat(calls)
+    assert [len(c) for c in calls] == [4, 4, 4, 4, 4] and torch.equal(seen, seen.sort().values)
+    assert torch.allclose(got, _classifier_of_single_prompts(encode, NAMES, PROMPTS, tokenizer), atol=1e-6)
+
+
+def test_template_prefixes_split_each_prompt_into_shared_prefix_and_rest(tokenizer):
+    templates = ['a photo of a {}.', '{} !', 'a photo of a {}.']
+    tokens = tokenizer([t.format(n) for n in ['dog', 'hot dog'] for t in templates])
+    prefixes, starts, which, rest = zeroshot.template_prefixes(tokens, len(templates))
+    assert which.tolist() == [0, 1, 2, 0, 1, 2] and starts.tolist() == [5, 1, 5]   # SOT a photo of a
+    for i, row in enumerate(tokens):
+        n = int(starts[which[i]])
+        joined = torch.cat([prefixes[which[i], :n], rest[i]])[:len(row)]
+        assert torch.equal(joined, row) and not rest[i, len(row) - n:].any()
+    one = tokenizer(['a photo of a dog.'])                        # one prompt: keeps its EOT
+    assert zeroshot.common_prefix_length(one) == zeroshot.token_lengths(one)[0] - 1
 
 
 def test_token_lengths_count_up_to_the_last_non_padding_token(tokenizer):
