@@ -27,7 +27,7 @@ import vpt
 import vit_cvnets
 from heads import HeadCfg, mlp, projector
 from methods import METHODS, MethodSpec, check_flags
-from text_transformer import TextCfg, Transformer
+from text_transformer import SharedPrefixText, TextCfg, Transformer, trimmed_length
 from utils import Registry
 
 
@@ -304,14 +304,7 @@ def build_image_tower(cfg: BackboneCfg, image_size: int, patch_dropout: float = 
 
 # ----------------------------------------------------------------------------- CLIP
 
-@torch.compiler.disable
-def _trimmed_length(eot):
-    """Tokens to keep: up to the last EOT of the batch. A data-dependent size, so under
-    --compile it runs eagerly (one clean graph break)."""
-    return int(eot.max()) + 1
-
-
-class CLIP(nn.Module):
+class CLIP(SharedPrefixText, nn.Module):
     """Image tower + projection, text transformer + projection, a learnable logit scale.
 
     Text parameters use the OpenAI CLIP state-dict names (`token_embedding`,
@@ -386,40 +379,10 @@ class CLIP(nn.Module):
         # Causal attention + EOT pooling: nothing after the last EOT can change the pooled
         # feature, so trimming the padding is exact and saves most of the text compute.
         eot = text.argmax(dim=-1)                                       # EOT has the top id
-        length = _trimmed_length(eot)
+        length = trimmed_length(eot)
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x, local))                   # [B, L, width]
         return x[torch.arange(x.shape[0], device=x.device), eot]        # [B, width]
-
-    def shares_text_prefix(self):
-        """True when prompts that begin with the same tokens can be encoded from one cached
-        prefix (`encode_text_after_prefix`): our own causal, EOT-pooled text transformer."""
-        return self.text_tower is None and (self.text_cfg.mask, self.text_cfg.pool) == ('causal', 'eot')
-
-    @torch.no_grad()
-    def text_prefixes(self, prefixes, lengths):
-        """Beginnings shared by many prompts (zero-shot templates: "a photo of a"), run through
-        the text tower once: prefixes [N, Lp] tokens, SOT first, row n's first lengths[n] real
-        (the rest padding) -> a cache for `encode_text_after_prefix`."""
-        if not self.shares_text_prefix():
-            raise ValueError('text_prefixes needs a causal, EOT-pooled text transformer')
-        x = self.token_embedding(prefixes) + self.positional_embedding[:prefixes.shape[1]]
-        return {'keys_values': self.transformer.prefix_cache(x), 'lengths': lengths}
-
-    @torch.no_grad()
-    def encode_text_after_prefix(self, prefixes, which, rest, normalize=True, head='z'):
-        """= encode_text(prefix which[b] + rest[b]) for each row b, up to float rounding:
-        causal attention makes the prefix's positions the same in every prompt, so they come
-        from the cache (`text_prefixes`). rest: [B, L] each prompt's remaining tokens, its EOT
-        included, padded with 0."""
-        starts = prefixes['lengths'][which]                             # [B]
-        eot = rest.argmax(dim=-1)                                       # EOT has the top id
-        length = _trimmed_length(eot)
-        positions = starts[:, None] + torch.arange(length, device=rest.device)
-        x = self.token_embedding(rest[:, :length]) + self.positional_embedding[positions]
-        x = self.transformer.continue_prefix(x, prefixes['keys_values'], which, starts)
-        z = self.project_text(self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot], head)
-        return F.normalize(z, dim=-1) if normalize else z
 
     # -- projections: head 'z' (CLIP) and, for CL2L, 'h' (the views' projectors)
     def project_image(self, feats, head='z'):

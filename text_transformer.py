@@ -136,3 +136,45 @@ class Transformer(nn.Module):
         for block, (keys, values) in zip(self.resblocks, cache):
             x = block(x, past=(keys[which], values[which], allowed))
         return x
+
+
+@torch.compiler.disable
+def trimmed_length(eot):
+    """Tokens to keep: up to the last EOT of the batch. A data-dependent size, so under
+    --compile it runs eagerly (one clean graph break)."""
+    return int(eot.max()) + 1
+
+
+class SharedPrefixText:
+    """Zero-shot prompts from cached template beginnings, for models.CLIP (its token_embedding,
+    positional_embedding, transformer, ln_final, project_text and text_cfg)."""
+
+    def shares_text_prefix(self):
+        """True when prompts that begin with the same tokens can be encoded from one cached
+        prefix (`encode_text_after_prefix`): our own causal, EOT-pooled text transformer."""
+        return self.text_tower is None and (self.text_cfg.mask, self.text_cfg.pool) == ('causal', 'eot')
+
+    @torch.no_grad()
+    def text_prefixes(self, prefixes, lengths):
+        """Beginnings shared by many prompts (zero-shot templates: "a photo of a"), run through
+        the text tower once: prefixes [N, Lp] tokens, SOT first, row n's first lengths[n] real
+        (the rest padding) -> a cache for `encode_text_after_prefix`."""
+        if not self.shares_text_prefix():
+            raise ValueError('text_prefixes needs a causal, EOT-pooled text transformer')
+        x = self.token_embedding(prefixes) + self.positional_embedding[:prefixes.shape[1]]
+        return {'keys_values': self.transformer.prefix_cache(x), 'lengths': lengths}
+
+    @torch.no_grad()
+    def encode_text_after_prefix(self, prefixes, which, rest, normalize=True, head='z'):
+        """= encode_text(prefix which[b] + rest[b]) for each row b, up to float rounding:
+        causal attention makes the prefix's positions the same in every prompt, so they come
+        from the cache (`text_prefixes`). rest: [B, L] each prompt's remaining tokens, its EOT
+        included, padded with 0."""
+        starts = prefixes['lengths'][which]                             # [B]
+        eot = rest.argmax(dim=-1)                                       # EOT has the top id
+        length = trimmed_length(eot)
+        positions = starts[:, None] + torch.arange(length, device=rest.device)
+        x = self.token_embedding(rest[:, :length]) + self.positional_embedding[positions]
+        x = self.transformer.continue_prefix(x, prefixes['keys_values'], which, starts)
+        z = self.project_text(self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot], head)
+        return F.normalize(z, dim=-1) if normalize else z

@@ -156,18 +156,18 @@ def lever_text_length(batch_size, rounds):
     varies per batch) vs that length rounded up to a multiple of 8 / 16 (fewer distinct
     shapes for the kernels) vs all 77 tokens; exact either way (causal + EOT pooling)."""
     arm = build_ours('CLIP_VITB16_CLIP', make_batches(batch_size, 224, 4), **TEXT_B16)
-    exact = models._trimmed_length
+    exact = models.trimmed_length
 
     def multiple(m):
         def rounded(eot):               # models.py's trim, rounded up to a multiple of m
             return min(-(-exact(eot) // m) * m, 77)
 
         def f():
-            models._trimmed_length = rounded
+            models.trimmed_length = rounded
             try:
                 arm.step()
             finally:
-                models._trimmed_length = exact
+                models.trimmed_length = exact
         return f
     fns = {'exact (longest caption)': multiple(1), 'multiple of 8': multiple(8),
            'multiple of 16': multiple(16), 'all 77 tokens': multiple(77)}
