@@ -16,6 +16,11 @@ Same batch size, workers, images (--classes x --per-class 500x375 JPEGs) and pro
 --classes ImageNet class names x --templates of its 80 templates). Prints wall and CPU seconds
 (the process and its children) as min / median / max and the ratios of the medians, and
 asserts that every run reports the same acc1, acc5 and mean per-class recall.
+
+`--precision bf16` times both sides in bf16 autocast instead (ours `--precision bf16`,
+CLIP_benchmark without `--no_amp`: its default, which autocasts to bf16 on a CPU): each side's
+runs are asserted to agree with each other; the two sides' metrics are printed, not asserted
+equal (two implementations of the model round differently in bf16).
 """
 import argparse
 import glob
@@ -97,7 +102,11 @@ def commands(a, data, ckpt, export, files, work):
     cb = [py, '-m', 'clip_benchmark.cli', 'eval', '--model_type', 'open_clip', '--model', f'local-dir:{export}',
           '--pretrained', '', '--dataset', CB_DATASET, '--dataset_root', data,
           '--custom_classname_file', files['cb_names'], '--custom_template_file', files['cb_templates'],
-          '--no_amp', '--num_workers', str(a.workers), '--batch_size', str(a.batch_size), '--quiet']
+          '--num_workers', str(a.workers), '--batch_size', str(a.batch_size), '--quiet']
+    if a.precision == 'fp32':
+        cb.append('--no_amp')                   # CLIP_benchmark autocasts (bf16 on CPU) unless told not to
+    else:
+        ours += ['--precision', a.precision]
     clf = os.path.join(work, 'classifier.pt')
     return {'ours cold': (ours, os.path.join(work, 'ours', '*_zeroshot_classification.json')),
             'ours warm': (ours, os.path.join(work, 'ours', '*_zeroshot_classification.json')),
@@ -151,9 +160,17 @@ def check_same_metrics(metrics):
     return reference
 
 
+def check_same_metrics_per_side(metrics):
+    """bf16: each side's runs agree with each other (asserted); -> {side: its metrics}."""
+    sides = {'ours': {}, 'CLIP_benchmark': {}}
+    for arm, runs in metrics.items():
+        sides['ours' if arm.startswith('ours') else 'CLIP_benchmark'][arm] = runs
+    return {side: check_same_metrics(arms) for side, arms in sides.items()}
+
+
 def print_table(times, metrics, n_images, a):
     print(f"\n{n_images} images, {a.classes} classes x {a.templates} templates, {a.model} at "
-          f"{a.image_size} px, batch {a.batch_size}, {a.workers} workers, {a.rounds} rounds; "
+          f"{a.image_size} px, batch {a.batch_size}, {a.workers} workers, {a.rounds} rounds, {a.precision}; "
           f"metrics of the first run: {metrics[ARMS[0]][0]}\n")
     base_wall = statistics.median(w for w, _ in times['CLIP_benchmark'])
     base_cpu = statistics.median(c for _, c in times['CLIP_benchmark'])
@@ -330,6 +347,9 @@ def get_args(argv=None):
     p.add_argument('--lever-images', type=int, default=1000,
                    help='images (spread over the classes) in the bf16-autocast lever measurement (0: skip it)')
     p.add_argument('--lever-classes', type=int, default=10, help='classes whose text classifier the lever times')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16'],
+                   help='arithmetic of both sides (bf16: autocast, CLIP_benchmark\'s default on CPU; times the '
+                        'end-to-end runs only, the fp32 in-process phases and lever are skipped)')
     p.add_argument('--data-dir', default=None, help='reuse/keep the ImageFolder and model here (default: a temp dir)')
     p.add_argument('--quick', action='store_true',
                    help='smoke run: CLIP_TINYVIT_CLIP at 32 px, 10 classes x 4 templates x 5 images, 1 round')
@@ -342,6 +362,8 @@ def get_args(argv=None):
     if min(a.per_class, a.batch_size, a.image_size) < 1 or min(a.workers, a.rounds, a.lever_images) < 0:
         p.error('--per-class, --batch-size and --image-size must be >= 1, --workers, --rounds and '
                 '--lever-images >= 0')
+    if a.precision != 'fp32':
+        a.phases, a.lever_images = False, 0
     if not (a.rounds or a.phases or a.lever_images):
         p.error('--rounds 0 with --no-phases and --lever-images 0 leaves nothing to measure')
     return a
@@ -367,8 +389,13 @@ def main(argv=None):
             metrics.update(print_phases(a, ckpt, export, data, files, work))
         if a.lever_images:
             print_bf16_lever(a, ckpt, data, files)
-        reference = check_same_metrics(metrics)
         runs = sum(len(v) for v in metrics.values())
+        if a.precision != 'fp32':
+            reference = check_same_metrics_per_side(metrics)
+            print(f"\n{a.precision}: identical acc1 / acc5 / mean per-class recall within each side's runs; "
+                  + '; '.join(f'{side}: {m}' for side, m in reference.items()))
+            return times, reference
+        reference = check_same_metrics(metrics)
         if runs:
             print(f"\nidentical acc1 / acc5 / mean per-class recall in all {runs} runs: {reference}")
     return times, reference

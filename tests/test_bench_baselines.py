@@ -105,14 +105,36 @@ def test_eval_bf16_lever_times_both_precisions_and_agrees(eval_inputs):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
-def test_eval_vs_clip_benchmark_end_to_end(eval_inputs, capsys):
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_eval_vs_clip_benchmark_end_to_end(eval_inputs, capsys, precision):
     """Four fresh processes (ours cold / warm, CLIP_benchmark with and without --load_clfs)."""
     ev, a, folder, ckpt, export, files = eval_inputs
     times, metrics = ev.main(['--quick', '--classes', '5', '--per-class', '3', '--templates', '3',
-                              '--no-phases', '--data-dir', folder])
+                              '--no-phases', '--data-dir', folder, '--precision', precision])
     assert set(times) == set(ev.ARMS) and all(w > 0 and c > 0 for runs in times.values() for w, c in runs)
     out = capsys.readouterr().out
-    assert 'identical acc1 / acc5 / mean per-class recall in all 4 runs' in out
+    if precision == 'fp32':
+        assert 'identical acc1 / acc5 / mean per-class recall in all 4 runs' in out
+    else:                  # each side agrees with itself; the two sides are printed side by side
+        assert set(metrics) == {'ours', 'CLIP_benchmark'} and 'bf16: identical' in out
+        assert all(0 <= m['acc1'] <= m['acc5'] <= 1 for m in metrics.values())
+
+
+def test_eval_bf16_commands_and_per_side_check():
+    import eval_vs_clip_benchmark as ev
+    for precision, ours_flag, cb_no_amp in (('fp32', False, True), ('bf16', True, False)):
+        a = ev.get_args(['--quick', '--precision', precision])
+        runs = ev.commands(a, 'DATA', 'CKPT', 'EXPORT', {k: k for k in ('catalog', 'labels', 'templates', 'cb_names',
+                                                                         'cb_templates')}, 'WORK')
+        assert ('--precision' in runs['ours cold'][0]) == ours_flag
+        assert ('--no_amp' in runs['CLIP_benchmark'][0]) == cb_no_amp
+    assert not a.phases and a.lever_images == 0           # bf16 times the end-to-end runs only
+    ours, theirs = {'acc1': 0.1}, {'acc1': 0.2}
+    assert ev.check_same_metrics_per_side({'ours cold': [ours], 'ours warm': [ours], 'CLIP_benchmark': [theirs],
+                                           'CLIP_benchmark --load_clfs': [theirs]}) == {'ours': ours,
+                                                                                      'CLIP_benchmark': theirs}
+    with pytest.raises(AssertionError, match='ours warm'):
+        ev.check_same_metrics_per_side({'ours cold': [ours], 'ours warm': [theirs]})
 
 
 def test_text_classifier_ways_agree_and_shared_prefixes_run_fewer_tokens(capsys):
