@@ -389,15 +389,15 @@ def main(argv=None):
             metrics.update(print_phases(a, ckpt, export, data, files, work))
         if a.lever_images:
             print_bf16_lever(a, ckpt, data, files)
-        runs = sum(len(v) for v in metrics.values())
         if a.precision != 'fp32':
             reference = check_same_metrics_per_side(metrics)
             print(f"\n{a.precision}: identical acc1 / acc5 / mean per-class recall within each side's runs; "
                   + '; '.join(f'{side}: {m}' for side, m in reference.items()))
-            return times, reference
-        reference = check_same_metrics(metrics)
-        if runs:
-            print(f"\nidentical acc1 / acc5 / mean per-class recall in all {runs} runs: {reference}")
+        else:
+            reference = check_same_metrics(metrics)
+            runs = sum(len(v) for v in metrics.values())
+            if runs:
+                print(f"\nidentical acc1 / acc5 / mean per-class recall in all {runs} runs: {reference}")
     return times, reference
 
 
