@@ -20,6 +20,7 @@ same `Schedule`. CL2L views (`--multicrop-resize`) scale with the step by the sa
 Model: timm ViTs switch to timm's dynamic image size (position embeddings resampled to the
 step's patch grid, bit-identical at --image-size); CNNs take any size as they are.
 """
+import argparse
 import copy
 import math
 
@@ -33,18 +34,23 @@ from readers import collate, mix_seeds
 SALT = 0x6D756C7469           # 'multi': keeps the size draw apart from the sample seeds
 SCALES = 5                    # cvnets sampler.vbs.max_n_scales
 LOW, HIGH = 160 / 224, 320 / 224   # cvnets' 160..320 px around its 224 px base, as fractions
+BATCH_RULES = ('pixels', 'fixed')  # --multiscale-batch: cvnets' pixels per batch, or --batch-size
 
 
 # ----------------------------------------------------------------------------- flags
 
 def add_args(parser):
     g = parser.add_argument_group('multi-scale variable batch (docs/training-features.md)')
-    g.add_argument('--multiscale', action='store_true',
+    g.add_argument('--multiscale', action=argparse.BooleanOptionalAction, default=None,
                    help="cvnets' multi-scale variable-batch sampler: each optimizer step draws an image "
-                        "size; the batch scales to keep --batch-size x --image-size^2 pixels")
+                        "size; the batch scales to keep --batch-size x --image-size^2 pixels (default: "
+                        "off; on for the demo's TINYCNN on shapes, --no-multiscale turns it off)")
     g.add_argument('--multiscale-sizes', type=int, nargs='+', default=None, metavar='PX',
                    help="the sizes drawn (default: cvnets' rule around --image-size, e.g. 160 192 224 "
-                        "256 288 320 at 224)")
+                        "256 288 320 at 224; the demo: 0.75-1.25x --image-size, 48 56 64 72 80 at 64)")
+    g.add_argument('--multiscale-batch', choices=BATCH_RULES, default=None,
+                   help="the batch at each size: pixels (cvnets' rule, default) or fixed (--batch-size "
+                        "at every size: multi-resolution training; the demo's)")
     return g
 
 
@@ -53,11 +59,13 @@ def enabled(args):
 
 
 def resolve(args):
-    """Fill --multiscale-sizes and check them (ValueError: one line)."""
+    """Fill --multiscale-sizes and --multiscale-batch and check them (ValueError: one line)."""
     if not enabled(args):
-        if args.multiscale_sizes:
-            raise ValueError("--multiscale-sizes goes with --multiscale")
+        for flag in ('multiscale_sizes', 'multiscale_batch'):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --multiscale")
         return
+    args.multiscale_batch = args.multiscale_batch or 'pixels'
     import models
     cfg = models.BACKBONES.get(args.backbone)
     low = 1 if getattr(args, 'image_tower', None) else cfg.min_image_size
@@ -73,7 +81,7 @@ def resolve(args):
         raise ValueError(f"--multiscale-sizes {' '.join(map(str, bad))}: the {args.backbone} tower takes "
                          f"sizes {rule}")
     small = [s for s in sizes if batch_at(s, args.image_size, args.batch_size) < 2]
-    if small:
+    if small and args.multiscale_batch == 'pixels':
         raise ValueError(f"--multiscale-sizes {small[0]} gets a batch of "
                          f"{batch_at(small[0], args.image_size, args.batch_size)} (the pixels of "
                          f"--batch-size {args.batch_size} at {args.image_size} px); a contrastive loss "
@@ -114,16 +122,19 @@ def batch_at(size, image_size, batch_size):
 
 
 class Schedule:
-    """(seed, epoch, micro-batch) -> the image size and per-process batch of that micro-batch."""
+    """(seed, epoch, micro-batch) -> the image size and per-process batch of that micro-batch
+    (`fixed`: --batch-size at every size, --multiscale-batch fixed)."""
 
-    def __init__(self, sizes, image_size, batch_size, seed, update_freq=1):
+    def __init__(self, sizes, image_size, batch_size, seed, update_freq=1, fixed=False):
         self.sizes = np.asarray(sizes, np.int64)
-        self.batches = np.asarray([batch_at(s, image_size, batch_size) for s in sizes], np.int64)
+        self.batches = np.asarray([batch_size if fixed else batch_at(s, image_size, batch_size)
+                                   for s in sizes], np.int64)
         self.seed, self.update_freq = seed, update_freq
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.multiscale_sizes, args.image_size, args.batch_size, args.seed, args.update_freq)
+        return cls(args.multiscale_sizes, args.image_size, args.batch_size, args.seed, args.update_freq,
+                   fixed=args.multiscale_batch == 'fixed')
 
     def plan(self, epoch, micro_batches):
         """-> (image size, batch) arrays over the epoch's first `micro_batches` micro-batches;

@@ -69,7 +69,10 @@ def _args(*flags):
 def test_flags_resolve_defaults_and_reject_bad_sizes_in_one_line(capsys):
     assert _args().multiscale_sizes == multiscale.default_sizes(32, 8) == [24, 32, 40, 48]
     assert _args('--multiscale-sizes', '40', '16', '40').multiscale_sizes == [16, 40]
-    assert train.parse_args(['--epochs', '1']).multiscale_sizes is None         # off by default
+    assert _args().multiscale_batch == 'pixels'
+    vit = ['--model', 'CLIP_TINYVIT_CLIP', '--image-size', '32']
+    assert train.parse_args(vit).multiscale is False                         # off by default
+    assert train.parse_args(vit).multiscale_sizes is None
     for flags, words in [(['--multiscale-sizes', '20'], 'multiples of the 8 px patch'),
                          (['--multiscale-sizes', '4', '16'], '>= 8 px'),
                          (['--multiscale-sizes', '64', '--batch-size', '2'], 'needs >= 2')]:
@@ -77,9 +80,24 @@ def test_flags_resolve_defaults_and_reject_bad_sizes_in_one_line(capsys):
             _args(*flags)
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith('main.py: error: ') and words in err, err
-    with pytest.raises(SystemExit):
-        train.parse_args(['--multiscale-sizes', '32'])
-    assert 'goes with --multiscale' in capsys.readouterr().err
+    for flags in (['--multiscale-sizes', '32'], ['--multiscale-batch', 'fixed'], ['--no-multiscale', '--multiscale-sizes', '32']):
+        with pytest.raises(SystemExit):
+            train.parse_args([*vit, *flags])
+        assert 'goes with --multiscale' in capsys.readouterr().err
+
+
+def test_the_demo_trains_at_five_sizes_with_a_fixed_batch_unless_told_otherwise():
+    """main.py with no flags (the demo's TINYCNN on shapes): 0.75-1.25x --image-size, the batch
+    fixed; --no-multiscale, another dataset's tower or explicit flags win."""
+    demo = train.parse_args([])
+    assert (demo.multiscale, demo.multiscale_sizes, demo.multiscale_batch) == (True, [48, 56, 64, 72, 80], 'fixed')
+    assert train.parse_args(['--image-size', '32']).multiscale_sizes == [24, 28, 32, 36, 40]
+    assert train.parse_args(['--no-multiscale']).multiscale is False
+    own = train.parse_args(['--multiscale-sizes', '64', '40', '--multiscale-batch', 'pixels'])
+    assert (own.multiscale, own.multiscale_sizes, own.multiscale_batch) == (True, [40, 64], 'pixels')
+    assert train.parse_args(['--model', 'CLIP_TINYVIT_CLIP']).multiscale is False
+    sizes, batches = multiscale.Schedule.from_args(demo).plan(0, 50)
+    assert set(batches.tolist()) == {64} and set(sizes.tolist()) == {48, 56, 64, 72, 80}
 
 
 # ----------------------------------------------------------------------------- loaders
