@@ -45,7 +45,7 @@ DATASET_DEFAULTS = {
 # The demo's multi-resolution training: on `shapes` the TINYCNN (the demo's tower, which takes any
 # size) trains each step at one of these fractions of --image-size (48 56 64 72 80 px at 64) with
 # the batch fixed (--multiscale-batch fixed). Training images then show every shape at more
-# pixel sizes, which lifted the demo's unseen-size split by 8-14 points at the same budget
+# pixel sizes, which lifted the demo's unseen-size split by 6-14 points at the same budget
 # (bench/RESULTS.md); --no-multiscale trains at --image-size only, as before.
 DEMO_MULTISCALE = (0.75, 0.875, 1.0, 1.125, 1.25)
 UPSTREAM_DEFAULTS = dict(model='CLIP_VITB16_CLIP', epochs=25, batch_size=64, lr=3e-3, wd=0.1,
