@@ -5,9 +5,10 @@ recipe of Mehta et al., "RangeAugment", 2022).
 Each optimizer step draws one image size from `--multiscale-sizes`; the per-process batch at
 that size keeps the pixels per batch of `--batch-size` at `--image-size` (cvnets' rule,
 `batch_at`), or with `--multiscale-batch fixed` stays `--batch-size` (multi-resolution training:
-the demo's default on `shapes`, main.py's DEMO_MULTISCALE). The draw is a pure function of (seed, epoch, step of the epoch): every rank, every
-loader worker and a resumed run compute the same sequence without talking to each other. All
-micro-batches of a step (`--update-freq`) share its size, so cached accumulation stays exact.
+the demo's default on `shapes`, main.py's DEMO_MULTISCALE). The draw is a pure function of
+(seed, epoch, step of the epoch): every rank, every loader worker and a resumed run compute the
+same sequence without talking to each other. All micro-batches of a step (`--update-freq`)
+share its size, so cached accumulation stays exact.
 
 An epoch has as many optimizer steps as without --multiscale (the learning-rate schedule is
 unchanged); its steps take their samples in order from the epoch's permutation (each rank its
