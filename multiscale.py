@@ -342,5 +342,6 @@ def build(args, model, device):
     enable_dynamic_size(model)
     views = [view_size(args, s) for s in args.multiscale_sizes] if args.base == 'CL2L' and args.num_augs else []
     probe_sizes(model, sorted({*args.multiscale_sizes, *views}), device)
-    print(f"multi-scale variable batch: {Schedule.from_args(args).describe()} per process and step")
+    kind = 'fixed batch' if args.multiscale_batch == 'fixed' else 'variable batch'
+    print(f"multi-scale, {kind}: {Schedule.from_args(args).describe()} per process and step")
     return MultiScale(model)
