@@ -87,8 +87,8 @@ def test_flags_resolve_defaults_and_reject_bad_sizes_in_one_line(capsys):
 
 
 def test_the_demo_trains_at_five_sizes_with_a_fixed_batch_unless_told_otherwise():
-    """main.py with no flags (the demo's TINYCNN on shapes): 0.75-1.25x --image-size, the batch
-    fixed; --no-multiscale, another dataset's tower or explicit flags win."""
+    """main.py with no flags (the demo's TINYCNN on shapes, CLIP base): 0.75-1.25x --image-size,
+    the batch fixed; --no-multiscale, another tower, the CL2L base or explicit flags: as given."""
     demo = train.parse_args([])
     assert (demo.multiscale, demo.multiscale_sizes, demo.multiscale_batch) == (True, [48, 56, 64, 72, 80], 'fixed')
     assert train.parse_args(['--image-size', '32']).multiscale_sizes == [24, 28, 32, 36, 40]
@@ -96,6 +96,9 @@ def test_the_demo_trains_at_five_sizes_with_a_fixed_batch_unless_told_otherwise(
     own = train.parse_args(['--multiscale-sizes', '64', '40', '--multiscale-batch', 'pixels'])
     assert (own.multiscale, own.multiscale_sizes, own.multiscale_batch) == (True, [40, 64], 'pixels')
     assert train.parse_args(['--model', 'CLIP_TINYVIT_CLIP']).multiscale is False
+    for name, *flags in METHOD_CASES.values():    # the CLIP base only: it hurt CL2L at this budget
+        args = train.parse_args(['--model', name.replace('TINYVIT', 'TINYCNN'), *flags])
+        assert args.multiscale is (args.base == 'CLIP'), name
     sizes, batches = multiscale.Schedule.from_args(demo).plan(0, 50)
     assert set(batches.tolist()) == {64} and set(sizes.tolist()) == {48, 56, 64, 72, 80}
 
