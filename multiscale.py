@@ -46,7 +46,8 @@ def add_args(parser):
     g.add_argument('--multiscale', action=argparse.BooleanOptionalAction, default=None,
                    help="cvnets' multi-scale variable-batch sampler: each optimizer step draws an image "
                         "size; the batch scales to keep --batch-size x --image-size^2 pixels (default: "
-                        "off; on for the demo's TINYCNN on shapes, --no-multiscale turns it off)")
+                        "off; on for the demo's TINYCNN of the CLIP base on shapes, --no-multiscale turns "
+                        "it off)")
     g.add_argument('--multiscale-sizes', type=int, nargs='+', default=None, metavar='PX',
                    help="the sizes drawn (default: cvnets' rule around --image-size, e.g. 160 192 224 "
                         "256 288 320 at 224; the demo: 0.75-1.25x --image-size, 48 56 64 72 80 at 64)")
